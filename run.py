@@ -1,0 +1,37 @@
+"""Start the chat server: settings from the environment, the app factory, uvloop when installed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main() -> None:
+    """Serve until SIGINT/SIGTERM."""
+    settings = Settings.from_env()
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        print=None,
+        loop=new_event_loop(),
+        shutdown_timeout=15,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The app factory: builds every service once and wires them onto one aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from loguru import logger
+
+from server.agents import AgentEvents
+from server.agents_directory import AgentDirectory
+from server.chat_service import ChatService
+from server.escalation import EscalationRules
+from server.handoff import HandoffService
+from server.health import HealthService
+from server.keys import (
+    AGENT_DIRECTORY,
+    AGENT_EVENTS,
+    CHAIN,
+    CHAT_SERVICE,
+    CUSTOMER_EVENTS,
+    EMBEDDED_REDIS,
+    HANDOFF,
+    HEALTH,
+    REDIS,
+    SCHEMAS,
+    SESSIONS,
+    SETTINGS,
+    SIO,
+)
+from server.knowledge import KnowledgeBase
+from server.logging_setup import configure_logging
+from server.middleware import (
+    access_log_middleware,
+    cors_middleware,
+    errors_middleware,
+    no_ws_compression_middleware,
+)
+from server.pages import setup_pages
+from server.prompt import PromptBuilder
+from server.provider_chain import ProviderChain
+from server.providers.base import AIProvider
+from server.providers.gemini_provider import GeminiProvider
+from server.providers.local import LocalProvider
+from server.providers.openai_provider import OpenAIProvider
+from server.redis_backend import EmbeddedRedis
+from server.rest import add_routes
+from server.schemas import build_schemas
+from server.sessions import SessionManager
+from server.settings import Settings
+from server.socket_manager import GuardedRedisManager
+from server.socket_server import ChatSocketServer
+from server.sockets import CustomerEvents
+from server.summary import ConversationSummarizer
+
+
+class _OrjsonCodec:
+    """Socket.IO's JSON through orjson: the packet encoder is on every emit's hot path."""
+
+    @staticmethod
+    def dumps(obj: Any, **_: Any) -> str:
+        return orjson.dumps(obj).decode()
+
+    @staticmethod
+    def loads(data: str | bytes, **_: Any) -> Any:
+        return orjson.loads(data)
+
+
+class SocketBroadcaster:
+    """Session events to the session's room through Socket.IO (and its Redis manager when scaled out)."""
+
+    def __init__(self, sio: ChatSocketServer) -> None:
+        self._sio = sio
+
+    async def emit(self, event: str, data: dict[str, Any], room: str, namespace: str = "/") -> None:
+        await self._sio.emit(event, data, room=room, namespace=namespace)
+
+
+def build_providers(settings: Settings, knowledge: KnowledgeBase) -> list[AIProvider]:
+    """The providers named in AI_PROVIDERS, in that order."""
+    factories = {
+        "openai": lambda: OpenAIProvider(
+            settings.openai_api_key.reveal(), settings.openai_model, settings.openai_base_url, settings.ai_request_timeout
+        ),
+        "gemini": lambda: GeminiProvider(
+            settings.gemini_api_key.reveal(), settings.gemini_model, settings.gemini_base_url, settings.ai_request_timeout
+        ),
+        "local": lambda: LocalProvider(knowledge),
+    }
+    providers: list[AIProvider] = []
+    for name in settings.ai_providers:
+        if name not in factories:
+            raise ValueError(f"Unknown provider {name!r} in AI_PROVIDERS (use openai, gemini, local).")
+        providers.append(factories[name]())
+    return providers
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Everything the server needs, wired once; start-up and clean-up hooks own the I/O."""
+    configure_logging(settings)
+    middlewares = [errors_middleware, access_log_middleware, cors_middleware(settings.cors_origins)]
+    if not settings.ws_compression:
+        middlewares.insert(0, no_ws_compression_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
+    redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
+    app[EMBEDDED_REDIS] = embedded
+    app[REDIS] = redis
+
+    manager = GuardedRedisManager(settings.redis_url) if settings.redis_url else None
+    sio = ChatSocketServer(
+        client_manager=manager,
+        async_mode="aiohttp",
+        cors_allowed_origins=list(settings.cors_origins) or None,
+        max_http_buffer_size=max(settings.max_body_bytes, settings.max_message_length * 4 + 4096),
+        json=_OrjsonCodec,
+        logger=False,
+        engineio_logger=False,
+    )
+    sio.attach(app)
+    app[SIO] = sio
+
+    knowledge = KnowledgeBase.from_directory(settings.knowledge_dir, store_name=settings.store_name)
+    sessions = SessionManager(redis, settings.session_ttl_seconds)
+    chain = ProviderChain(
+        build_providers(settings, knowledge),
+        failure_threshold=settings.provider_failure_threshold,
+        cooldown=settings.provider_cooldown,
+        request_timeout=settings.ai_request_timeout,
+        first_token_timeout=settings.ai_first_token_timeout,
+        idle_timeout=settings.ai_stream_idle_timeout,
+        record_attempt=lambda name, failed, _seconds: sessions.count_provider_call(name, failed=failed),
+    )
+    schemas = build_schemas(settings.max_message_length, settings.metadata_max_bytes)
+    instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    broadcaster = SocketBroadcaster(sio)
+    handoff = HandoffService(
+        sessions=sessions,
+        broadcaster=broadcaster,
+        summarizer=ConversationSummarizer(chain, sessions),
+        handoff_message=settings.handoff_message,
+        wait_timeout=settings.agent_wait_timeout,
+        idle_timeout=settings.agent_idle_timeout,
+        instance_id=instance_id,
+    )
+    chat = ChatService(
+        sessions=sessions,
+        chain=chain,
+        prompts=PromptBuilder(
+            settings.system_prompt_file,
+            knowledge,
+            store_name=settings.store_name,
+            tone=settings.assistant_tone,
+            top_k=settings.knowledge_in_prompt,
+        ),
+        rules=EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
+        broadcaster=broadcaster,
+        handoff=handoff,
+        max_history=settings.max_conversation_history,
+        flush_ms=settings.stream_flush_ms,
+        flush_chars=settings.stream_flush_chars,
+        cross_process_order=settings.redis_url is not None,
+    )
+    customers = CustomerEvents(sio, schemas, sessions, chat, handoff, lambda: chain.usable_names)
+    customers.register()
+    directory = AgentDirectory(settings.agent_api_keys)
+    agents = AgentEvents(sio, schemas, directory, handoff)
+    agents.register()
+    app[HANDOFF] = handoff
+    app[AGENT_DIRECTORY] = directory
+    app[AGENT_EVENTS] = agents
+    app[SCHEMAS] = schemas
+    app[SESSIONS] = sessions
+    app[CHAIN] = chain
+    app[CHAT_SERVICE] = chat
+    app[CUSTOMER_EVENTS] = customers
+    app[HEALTH] = HealthService(
+        redis=redis,
+        redis_mode=settings.redis_mode,
+        sessions=sessions,
+        chain=chain,
+        connected_clients=lambda: customers.connected,
+        instance_id=instance_id,
+        pubsub_healthy=(lambda: manager.healthy) if manager is not None else None,
+    )
+
+    add_routes(app)
+    setup_pages(app)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start embedded Redis before serving; on the way out, let replies finish, then close clients."""
+    embedded = app[EMBEDDED_REDIS]
+    if embedded is not None:
+        await embedded.start()
+    settings = app[SETTINGS]
+    logger.info(
+        "serving on {}:{} with providers {} (redis {})",
+        settings.host,
+        settings.port,
+        ",".join(app[CHAIN].usable_names) or "none",
+        settings.redis_mode,
+    )
+    sweeper = asyncio.create_task(app[HANDOFF].run_sweeper(), name="handoff-sweeper")
+    yield
+    app[HANDOFF].stop_sweeper()
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(sweeper, 5)
+    await app[CHAT_SERVICE].drain(timeout=10)
+    await app[HANDOFF].aclose()
+    for provider in app[CHAIN].providers:
+        await provider.aclose()
+    manager = app[SIO].manager
+    if isinstance(manager, GuardedRedisManager):
+        await manager.aclose()
+    await app[REDIS].aclose()
+    if embedded is not None:
+        await embedded.stop()

@@ -1,0 +1,367 @@
+"""ChatService: turns a visitor's message into a stored, streamed, possibly escalated answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from redis.exceptions import LockError
+
+from server.errors import ApiError
+from server.escalation import Escalation, EscalationRules
+from server.handoff import HandoffService
+from server.prompt import PromptBuilder
+from server.provider_chain import ChainDelta, ChainDone, ChainFailed, ChainInterrupted, ProviderChain
+from server.providers.base import ChatTurn, ProviderRequest
+from server.reply_stream import Broadcaster, ReplyListener, ReplyStream
+from server.sessions import SessionManager, new_id, now_iso
+
+FAILURE_MESSAGE = (
+    "I'm sorry, I can't answer right now. A member of our support team will follow up with you shortly."
+)
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """What one user message led to: the stored user message, the answer and any escalation."""
+
+    session_id: str
+    user_message: dict[str, Any]
+    reply: dict[str, Any] | None
+    escalation: dict[str, Any] | None
+    duplicate: bool = False
+
+
+@dataclass(slots=True)
+class _Job:
+    text: str
+    client_message_id: str | None
+    listener: ReplyListener | None
+    stored: asyncio.Future[dict[str, Any]]
+    done: asyncio.Future[TurnResult]
+
+
+@dataclass(slots=True)
+class _Generation:
+    task: asyncio.Task[Any]
+    message_id: str
+    stop_requested: bool = False
+
+
+@dataclass(slots=True)
+class _Outcome:
+    text: str
+    provider: str | None
+    confidence: float | None = None
+    failed: bool = False
+    stopped: bool = False
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ChatService:
+    """Prompting, the provider chain, confidence and escalation; one message at a time per session."""
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionManager,
+        chain: ProviderChain,
+        prompts: PromptBuilder,
+        rules: EscalationRules,
+        broadcaster: Broadcaster,
+        max_history: int,
+        flush_ms: int,
+        flush_chars: int,
+        handoff: HandoffService | None = None,
+        cross_process_order: bool = False,
+    ) -> None:
+        self.sessions = sessions
+        self.chain = chain
+        self.prompts = prompts
+        self.rules = rules
+        self.broadcaster = broadcaster
+        self.max_history = max_history
+        self.flush_ms = flush_ms
+        self.flush_chars = flush_chars
+        self.handoff = handoff
+        self.cross_process_order = cross_process_order
+        self._queues: dict[str, deque[_Job]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._generating: dict[str, _Generation] = {}
+
+    # Entry points -----------------------------------------------------------------------
+    async def submit(
+        self,
+        session_id: str,
+        text: str,
+        client_message_id: str | None = None,
+        listener: ReplyListener | None = None,
+    ) -> tuple[dict[str, Any], asyncio.Future[TurnResult]]:
+        """Queue a message behind the session's earlier ones; returns once it is stored, with the reply's future."""
+        loop = asyncio.get_running_loop()
+        job = _Job(text, client_message_id, listener, loop.create_future(), loop.create_future())
+        queue = self._queues.get(session_id)
+        if queue is None:
+            queue = self._queues[session_id] = deque()
+            worker = asyncio.create_task(self._drain(session_id, queue), name=f"session-{session_id}")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+        queue.append(job)
+        return await job.stored, job.done
+
+    async def escalate(self, session_id: str, reason: str | None) -> dict[str, Any]:
+        """The visitor asked for a person."""
+        escalation = self.rules.for_user_request(session_id, reason)
+        await self._announce_escalation(escalation)
+        return escalation.to_dict()
+
+    def stop(self, session_id: str) -> bool:
+        """Cancel the reply being written (its HTTP stream closes); the partial text is kept."""
+        generation = self._generating.get(session_id)
+        if generation is None or generation.task.done():
+            return False
+        generation.stop_requested = True
+        generation.task.cancel()
+        return True
+
+    async def in_progress(self, session_id: str, history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        """The reply still being written, for a rejoining client; None once it is in the history."""
+        snapshot = await self.sessions.in_flight(session_id)
+        if snapshot is None or any(m.get("id") == snapshot["messageId"] for m in history):
+            return None
+        return {"messageId": snapshot["messageId"], "text": snapshot["text"], "index": snapshot["index"]}
+
+    @property
+    def busy_sessions(self) -> int:
+        """Sessions with a message being handled in this process."""
+        return len(self._queues)
+
+    async def drain(self, timeout: float) -> None:
+        """Let replies in progress finish (bounded), then cancel what is left."""
+        if self._workers:
+            _, pending = await asyncio.wait(set(self._workers), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # The per-session worker -------------------------------------------------------------
+    async def _drain(self, session_id: str, queue: deque[_Job]) -> None:
+        try:
+            while queue:
+                job = queue.popleft()
+                try:
+                    if self.cross_process_order:
+                        async with self.sessions.session_lock(session_id):
+                            await self._process(session_id, job)
+                    else:
+                        await self._process(session_id, job)
+                except LockError:
+                    _fail_job(job, ApiError("unavailable", "The conversation is busy; please retry."))
+                except asyncio.CancelledError:
+                    _fail_job(job, ApiError("unavailable", "The server is shutting down; please retry."))
+                    raise
+                except Exception as err:
+                    logger.exception("session {}: message handling failed", session_id)
+                    _fail_job(job, err if isinstance(err, ApiError) else ApiError("internal", "Something went wrong."))
+        finally:
+            while queue:
+                _fail_job(queue.popleft(), ApiError("unavailable", "The server is shutting down; please retry."))
+            if self._queues.get(session_id) is queue:
+                del self._queues[session_id]
+
+    async def _process(self, session_id: str, job: _Job) -> None:
+        user_message: dict[str, Any] = {
+            "id": new_id(),
+            "sessionId": session_id,
+            "role": "user",
+            "content": job.text,
+            "createdAt": now_iso(),
+        }
+        if job.client_message_id:
+            user_message["clientMessageId"] = job.client_message_id
+        appended = await self.sessions.append(
+            session_id, user_message, client_message_id=job.client_message_id, context_size=self.max_history
+        )
+        job.stored.set_result(appended.message)
+        if appended.state == "agent" and not appended.duplicate and self.handoff is not None:
+            await self.handoff.forward_customer_message(appended.message)
+            job.done.set_result(TurnResult(session_id, appended.message, None, None))
+            return
+        if appended.duplicate:
+            reply = await self.sessions.find_reply(session_id, appended.message["id"])
+            job.done.set_result(TurnResult(session_id, appended.message, reply, None, duplicate=True))
+            return
+        result = await self._answer(session_id, appended.message, appended.context, job.listener)
+        if not job.done.done():
+            job.done.set_result(result)
+
+    async def _answer(
+        self,
+        session_id: str,
+        user_message: dict[str, Any],
+        context: list[dict[str, Any]],
+        listener: ReplyListener | None,
+    ) -> TurnResult:
+        started = time.perf_counter()
+        text = user_message["content"]
+        request = ProviderRequest(
+            system_prompt=self.prompts.system_prompt(text), history=_turns(context), message=text
+        )
+        logger.debug(
+            "session {}: provider request: {} history turns, system prompt {} chars: {!r}",
+            session_id,
+            len(request.history),
+            len(request.system_prompt),
+            request.system_prompt,
+        )
+        stream = ReplyStream(
+            session_id=session_id,
+            message_id=new_id(),
+            sessions=self.sessions,
+            broadcaster=self.broadcaster,
+            flush_ms=self.flush_ms,
+            flush_chars=self.flush_chars,
+            listener=listener,
+        )
+        await self._typing(session_id, True)
+        try:
+            outcome = await self._generate(session_id, request, stream)
+        finally:
+            await stream.close()
+            await self._typing(session_id, False)
+
+        replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
+        escalation = self.rules.for_user_message(session_id, text)
+        if outcome.failed:
+            escalation = escalation or self.rules.for_failure(session_id)
+        elif not outcome.stopped:
+            escalation = escalation or self.rules.for_reply(session_id, outcome.confidence)
+        for message in replies:
+            await self.sessions.append(session_id, message)
+        await self.sessions.clear_in_flight(session_id, stream.message_id)
+        for position, message in enumerate(replies):
+            last = position == len(replies) - 1
+            payload = {
+                "sessionId": session_id,
+                "message": message,
+                "escalation": escalation.to_dict() if (last and escalation) else None,
+            }
+            await self.broadcaster.emit("message-received", payload, session_id)
+            await stream.notify("message", payload)
+        if escalation is not None:
+            await self._announce_escalation(escalation)
+        logger.info(
+            "session {}: answered by {} in {:.0f} ms ({} chunks{}{})",
+            session_id,
+            outcome.provider or "nobody",
+            (time.perf_counter() - started) * 1000,
+            stream.chunks_sent,
+            ", stopped" if outcome.stopped else "",
+            f", escalated: {escalation.trigger}" if escalation else "",
+        )
+        return TurnResult(session_id, user_message, replies[-1], escalation.to_dict() if escalation else None)
+
+    async def _generate(self, session_id: str, request: ProviderRequest, stream: ReplyStream) -> _Outcome:
+        """Run the chain in its own task so `stop-generation` can cancel exactly that."""
+        task = asyncio.create_task(self._consume(request, stream))
+        generation = _Generation(task, stream.message_id)
+        self._generating[session_id] = generation
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not generation.stop_requested or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return _Outcome(text=stream.text + _pending_text(stream), provider=stream.provider, stopped=True)
+        finally:
+            if self._generating.get(session_id) is generation:
+                del self._generating[session_id]
+
+    async def _consume(self, request: ProviderRequest, stream: ReplyStream) -> _Outcome:
+        async with contextlib.aclosing(self.chain.stream(request)) as events:
+            async for event in events:
+                if isinstance(event, ChainDelta):
+                    await stream.add(event.text, event.provider, event.reset)
+                elif isinstance(event, ChainInterrupted):
+                    await stream.interrupted(event.provider, event.reason)
+                elif isinstance(event, ChainDone):
+                    return _Outcome(text=event.text, provider=event.provider, confidence=event.confidence)
+                elif isinstance(event, ChainFailed):
+                    await stream.close()
+                    return _Outcome(text=event.partial, provider=stream.provider, failed=True, reasons=event.reasons)
+        raise RuntimeError("provider chain ended without an outcome")
+
+    @staticmethod
+    def _reply_messages(
+        session_id: str, user_message_id: str, message_id: str, outcome: _Outcome
+    ) -> list[dict[str, Any]]:
+        """The assistant reply, or on total failure the partial text (incomplete) and a system message."""
+        messages: list[dict[str, Any]] = []
+        if not outcome.failed or outcome.text:
+            reply: dict[str, Any] = {
+                "id": message_id,
+                "sessionId": session_id,
+                "role": "assistant",
+                "content": outcome.text,
+                "createdAt": now_iso(),
+                "provider": outcome.provider,
+                "confidence": None if outcome.confidence is None else round(outcome.confidence, 4),
+                "replyTo": user_message_id,
+            }
+            if outcome.stopped:
+                reply["stopped"] = True
+            if outcome.failed:
+                reply["incomplete"] = True
+            messages.append(reply)
+        if outcome.failed:
+            messages.append(
+                {
+                    "id": new_id(),
+                    "sessionId": session_id,
+                    "role": "system",
+                    "content": FAILURE_MESSAGE,
+                    "createdAt": now_iso(),
+                    "replyTo": user_message_id,
+                }
+            )
+        return messages
+
+    async def _announce_escalation(self, escalation: Escalation) -> None:
+        body = escalation.to_dict()
+        await self.sessions.record_escalation(escalation.session_id, body)
+        await self.broadcaster.emit("escalation-needed", body, escalation.session_id)
+        logger.info("session {}: escalated ({}): {}", escalation.session_id, escalation.trigger, escalation.reason)
+        if self.handoff is not None:
+            await self.handoff.on_escalation(escalation)
+
+    async def _typing(self, session_id: str, typing: bool) -> None:
+        await self.broadcaster.emit("assistant-typing", {"sessionId": session_id, "typing": typing}, session_id)
+
+
+def _turns(context: list[dict[str, Any]]) -> list[ChatTurn]:
+    """Earlier messages as model turns: agents spoke for the store; system notes are not conversation."""
+    turns: list[ChatTurn] = []
+    for message in context:
+        role = message.get("role")
+        if role == "user":
+            turns.append(ChatTurn("user", message.get("content", "")))
+        elif role in ("assistant", "agent") and message.get("content"):
+            turns.append(ChatTurn("assistant", message["content"]))
+    return turns
+
+
+def _pending_text(stream: ReplyStream) -> str:
+    return stream._pending
+
+
+def _fail_job(job: _Job, err: BaseException) -> None:
+    for future in (job.stored, job.done):
+        if not future.done():
+            future.set_exception(err)
+            future.exception()  # mark retrieved: nobody may be waiting for the reply

@@ -1,0 +1,70 @@
+"""The contract's error object, shared by REST answers and Socket.IO acks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATUS_BY_CODE: dict[str, int] = {
+    "validation_error": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "payload_too_large": 413,
+    "rate_limited": 429,
+    "unavailable": 503,
+    "internal": 500,
+}
+
+
+class ApiError(Exception):
+    """A failure the client is told about in the contract's `{code, message, details?}` shape."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        """The HTTP status the contract pairs with this code."""
+        return STATUS_BY_CODE.get(self.code, 500)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Error object as clients receive it."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+def unauthorized() -> ApiError:
+    """One answer for a missing token, a wrong token and an unknown session: it reveals nothing."""
+    return ApiError("unauthorized", "A valid session token is required.")
+
+
+def validation_error(details: dict[str, Any], message: str = "The request is not valid.") -> ApiError:
+    """Wrap a marshmallow error map in the contract's shape."""
+    return ApiError("validation_error", message, _flatten(details))
+
+
+def _flatten(details: Any) -> dict[str, Any]:
+    """Marshmallow nests lists of messages; clients want one readable string per field."""
+    if not isinstance(details, dict):
+        return {"_schema": str(details)}
+    out: dict[str, Any] = {}
+    for key, value in details.items():
+        if isinstance(value, list):
+            out[str(key)] = " ".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            out[str(key)] = _flatten(value)
+        else:
+            out[str(key)] = str(value)
+    return out

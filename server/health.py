@@ -1,0 +1,78 @@
+"""The health answer: enough for an operator or a load balancer, never a secret."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from server import __version__
+from server.provider_chain import ProviderChain
+from server.sessions import SessionManager
+
+
+class HealthService:
+    """Builds the contract's health object from the live parts."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        redis_mode: str,
+        sessions: SessionManager,
+        chain: ProviderChain,
+        connected_clients: Callable[[], int],
+        instance_id: str,
+        pubsub_healthy: Callable[[], bool] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._redis_mode = redis_mode
+        self._sessions = sessions
+        self._chain = chain
+        self._connected_clients = connected_clients
+        self._instance_id = instance_id
+        self._pubsub_healthy = pubsub_healthy
+        self._started = time.monotonic()
+
+    async def report(self) -> dict[str, Any]:
+        """`ok`, `degraded` (no provider usable) or `down` (Redis unreachable)."""
+        usage: dict[str, int] = {}
+        active_sessions = 0
+        try:
+            await self._redis.ping()
+            redis_status = "ok"
+            usage = await self._sessions.provider_usage()
+            active_sessions = await self._sessions.active_sessions()
+        except (OSError, aioredis.RedisError):
+            redis_status = "down"
+        providers = [
+            {
+                "name": p.name,
+                "configured": p.configured,
+                "model": p.model,
+                "state": self._chain.breakers[p.name].state,
+                "requests": usage.get(f"{p.name}:requests", 0),
+                "failures": usage.get(f"{p.name}:failures", 0),
+            }
+            for p in self._chain.providers
+        ]
+        usable = [p for p in providers if p["configured"] and p["state"] != "open"]
+        if redis_status != "ok":
+            status = "down"
+        elif not usable or (self._pubsub_healthy is not None and not self._pubsub_healthy()):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "version": __version__,
+            "uptimeSeconds": round(time.monotonic() - self._started, 1),
+            "instanceId": self._instance_id,
+            "redis": {"status": redis_status, "mode": self._redis_mode},
+            "pubsub": None if self._pubsub_healthy is None else ("ok" if self._pubsub_healthy() else "degraded"),
+            "providers": providers,
+            "activeSessions": active_sessions,
+            "connectedClients": self._connected_clients(),
+        }

@@ -1,0 +1,59 @@
+"""The customer test page and its static files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from server import __version__
+from server.keys import SETTINGS
+from server.settings import PROJECT_ROOT
+
+PUBLIC_DIR = PROJECT_ROOT / "public"
+SOCKETIO_CLIENT = PROJECT_ROOT / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
+SOCKETIO_CDN = "https://cdn.socket.io/4.8.1/socket.io.min.js"
+CSP = (
+    "default-src 'self'; script-src 'self' https://cdn.socket.io; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def _page_headers(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """The chat page; the Socket.IO client is served locally when npm installed it, else from the CDN."""
+    settings = request.app[SETTINGS]
+    response = aiohttp_jinja2.render_template(
+        "index.html",
+        request,
+        {
+            "socketio_src": "/vendor/socket.io.min.js" if SOCKETIO_CLIENT.exists() else "",
+            "socketio_cdn": SOCKETIO_CDN,
+            "store_name": settings.store_name,
+            "version": __version__,
+        },
+    )
+    return _page_headers(response)
+
+
+async def socketio_client(request: web.Request) -> web.StreamResponse:
+    """The browser client library from the npm package."""
+    if not SOCKETIO_CLIENT.exists():
+        raise web.HTTPNotFound()
+    return _page_headers(web.FileResponse(SOCKETIO_CLIENT, headers={"Cache-Control": "public, max-age=86400"}))
+
+
+def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR) -> None:
+    """Templates from public/, static files under /static/."""
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(public_dir)), autoescape=True)
+    app.router.add_get("/", index)
+    app.router.add_get("/vendor/socket.io.min.js", socketio_client)
+    app.router.add_static("/static/", public_dir, show_index=False)

@@ -1,0 +1,92 @@
+"""The one small async interface every AI provider implements."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One earlier message of the conversation as the model sees it."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """Everything a provider needs to answer one user message."""
+
+    system_prompt: str
+    history: Sequence[ChatTurn]
+    message: str
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the answer as the provider streams it."""
+
+    text: str
+    logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The provider's proper end of an answer, with its confidence signal and usage."""
+
+    confidence: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+StreamEvent = TextDelta | Finished
+
+
+class ProviderError(Exception):
+    """A failed provider call; the chain moves on to the next provider."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class ProviderInfo:
+    """What health may show about a provider: never its key."""
+
+    name: str
+    configured: bool
+    model: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class AIProvider(ABC):
+    """A source of answers; the chat service chains them for failover."""
+
+    name: str
+    model: str
+
+    @property
+    @abstractmethod
+    def configured(self) -> bool:
+        """Whether the provider can be called at all (for instance, it has a key)."""
+
+    @abstractmethod
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+        """Yield text deltas, then exactly one Finished; raise ProviderError on any failure."""
+
+    async def aclose(self) -> None:
+        """Release network clients; providers without any keep the default."""
+
+
+def confidence_from_logprobs(logprobs: Sequence[float]) -> float | None:
+    """exp(mean token logprob), the contract's confidence; None when there is no signal."""
+    if not logprobs:
+        return None
+    return min(1.0, max(0.0, math.exp(sum(logprobs) / len(logprobs))))

@@ -1,0 +1,124 @@
+"""Publishing a reply while it is written: coalesced chunks to the room, the text so far in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from server.sessions import SessionManager
+
+
+class Broadcaster(Protocol):
+    """Where session events go: every socket in the session's room, on every process."""
+
+    async def emit(self, event: str, data: dict[str, Any], room: str, namespace: str = "/") -> None:
+        """Send one event to a room of a namespace."""
+
+
+ReplyListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class ReplyStream:
+    """Coalesces deltas (at most every `flush_ms`, or at `flush_chars`) so a fast model is not one event per token."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        message_id: str,
+        sessions: SessionManager,
+        broadcaster: Broadcaster,
+        flush_ms: int,
+        flush_chars: int,
+        listener: ReplyListener | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.message_id = message_id
+        self.provider: str | None = None
+        self.text = ""
+        self._sessions = sessions
+        self._broadcaster = broadcaster
+        self._flush_seconds = max(0, flush_ms) / 1000
+        self._flush_chars = max(1, flush_chars)
+        self._listener = listener
+        self._pending = ""
+        self._pending_reset = False
+        self._index = -1
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def chunks_sent(self) -> int:
+        """How many chunk events went out."""
+        return self._index + 1
+
+    async def add(self, delta: str, provider: str, reset: bool) -> None:
+        """Take one delta; flush now when enough waits, else within `flush_ms`."""
+        if reset:
+            await self.flush()
+            self.text = ""
+            self._pending_reset = True
+        self.provider = provider
+        self._pending += delta
+        if len(self._pending) >= self._flush_chars or self._flush_seconds == 0:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_seconds)
+        self._timer = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send what waits as one chunk; Redis first, so a rejoin never misses text it was not sent."""
+        async with self._lock:
+            if self._timer is not None and self._timer is not asyncio.current_task():
+                self._timer.cancel()
+                self._timer = None
+            if not self._pending:
+                return
+            delta, self._pending = self._pending, ""
+            reset, self._pending_reset = self._pending_reset, False
+            self._index += 1
+            self.text += delta
+            payload = {
+                "sessionId": self.session_id,
+                "messageId": self.message_id,
+                "index": self._index,
+                "delta": delta,
+                "provider": self.provider,
+                "reset": reset,
+            }
+            await self._sessions.save_in_flight(
+                self.session_id, self.message_id, self.text, self._index, self.provider or ""
+            )
+            await self._broadcaster.emit("message-chunk", payload, self.session_id)
+            await self.notify("chunk", payload)
+
+    async def interrupted(self, provider: str, reason: str) -> None:
+        """Tell the room at once that a provider broke off mid-answer."""
+        await self.flush()
+        payload = {"sessionId": self.session_id, "messageId": self.message_id, "provider": provider, "reason": reason}
+        await self._broadcaster.emit("message-interrupted", payload, self.session_id)
+        await self.notify("interrupted", payload)
+
+    async def notify(self, kind: str, payload: dict[str, Any]) -> None:
+        """Tell the direct listener (an SSE client); one that went away never stops the reply."""
+        if self._listener is None:
+            return
+        try:
+            await self._listener(kind, payload)
+        except Exception:
+            self._listener = None
+
+    async def close(self) -> None:
+        """Send the tail and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+            self._timer = None
+        await self.flush()

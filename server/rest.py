@@ -1,0 +1,161 @@
+"""The REST edge under /api/v1: validate, call one service method, answer JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from server.errors import ApiError, unauthorized
+from server.keys import AGENT_DIRECTORY, CHAT_SERVICE, HANDOFF, HEALTH, SCHEMAS, SESSIONS
+from server.schemas import load
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token from `Authorization: Bearer <token>`, if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def json_body(request: web.Request) -> Any:
+    """The parsed body; invalid JSON is the client's validation error, an oversized body a 413."""
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("validation_error", "The body must be valid JSON.") from None
+
+
+async def create_session(request: web.Request) -> web.Response:
+    data = load(request.app[SCHEMAS].create_session, await json_body(request))
+    session, token = await request.app[SESSIONS].create(data["userId"], data["metadata"])
+    return web.json_response(
+        {
+            "sessionId": session.id,
+            "userId": session.user_id,
+            "token": token,
+            "createdAt": session.created_at,
+            "expiresAt": session.expires_at,
+        },
+        status=201,
+    )
+
+
+async def _authorized_message(request: web.Request) -> dict[str, Any]:
+    data = load(request.app[SCHEMAS].send_message, await json_body(request))
+    token = bearer_token(request)
+    if token is None:
+        raise unauthorized()
+    await request.app[SESSIONS].authenticate(data["sessionId"], token)
+    return data
+
+
+async def send_message(request: web.Request) -> web.Response:
+    data = await _authorized_message(request)
+    _, done = await request.app[CHAT_SERVICE].submit(data["sessionId"], data["message"], data.get("clientMessageId"))
+    result = await done
+    return web.json_response(
+        {
+            "sessionId": result.session_id,
+            "userMessage": result.user_message,
+            "reply": result.reply,
+            "escalation": result.escalation,
+        }
+    )
+
+
+async def send_message_stream(request: web.Request) -> web.StreamResponse:
+    """The streaming twin of send_message: Server-Sent Events `chunk`, `done`, `error`."""
+    data = await _authorized_message(request)
+    async with sse_response(request) as sse:
+
+        async def forward(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "chunk":
+                await sse.send(json.dumps(payload), event="chunk")
+            elif kind == "interrupted":
+                await sse.send(json.dumps(payload), event="interrupted")
+
+        try:
+            stored, done = await request.app[CHAT_SERVICE].submit(
+                data["sessionId"], data["message"], data.get("clientMessageId"), listener=forward
+            )
+            await sse.send(json.dumps({"userMessage": stored}), event="accepted")
+            result = await done
+            await sse.send(
+                json.dumps(
+                    {
+                        "sessionId": result.session_id,
+                        "userMessage": result.user_message,
+                        "reply": result.reply,
+                        "escalation": result.escalation,
+                    }
+                ),
+                event="done",
+            )
+        except ApiError as err:
+            await sse.send(json.dumps({"error": err.to_dict()}), event="error")
+    return sse
+
+
+async def history(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    query = load(request.app[SCHEMAS].history_query, dict(request.query))
+    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    page = await request.app[SESSIONS].history(session_id, query["limit"], query.get("before"))
+    return web.json_response({"sessionId": session_id, "messages": page.messages, "hasMore": page.has_more})
+
+
+async def health(request: web.Request) -> web.Response:
+    report = await request.app[HEALTH].report()
+    return web.json_response(report, status=503 if report["status"] == "down" else 200)
+
+
+def require_agent(request: web.Request) -> str:
+    """The agent's name for the Bearer agent key; customers' session tokens never pass."""
+    name = request.app[AGENT_DIRECTORY].name_for(bearer_token(request))
+    if name is None:
+        raise ApiError("unauthorized", "A valid agent key is required.")
+    return name
+
+
+async def list_tickets(request: web.Request) -> web.Response:
+    require_agent(request)
+    tickets = await request.app[SESSIONS].tickets()
+    status = request.query.get("status")
+    if status:
+        tickets = [t for t in tickets if t.get("status") == status]
+    return web.json_response({"tickets": [{k: v for k, v in t.items() if k != "transcript"} for t in tickets]})
+
+
+async def show_ticket(request: web.Request) -> web.Response:
+    require_agent(request)
+    ticket = await request.app[SESSIONS].ticket(request.match_info["ticket_id"])
+    if ticket is None:
+        raise ApiError("not_found", "No such ticket.")
+    return web.json_response(ticket)
+
+
+async def resolve_ticket(request: web.Request) -> web.Response:
+    agent = require_agent(request)
+    body = await json_body(request)
+    data = load(request.app[SCHEMAS].ticket_resolve, {} if body is None else body)
+    ticket = await request.app[HANDOFF].resolve_ticket(request.match_info["ticket_id"], agent, data["resolution"])
+    return web.json_response(ticket)
+
+
+def add_routes(app: web.Application) -> None:
+    """Every REST route in one place."""
+    app.router.add_post("/api/v1/chat/session", create_session)
+    app.router.add_post("/api/v1/chat/message", send_message)
+    app.router.add_post("/api/v1/chat/message/stream", send_message_stream)
+    app.router.add_get("/api/v1/chat/history/{session_id}", history)
+    app.router.add_get("/api/v1/tickets", list_tickets)
+    app.router.add_get("/api/v1/tickets/{ticket_id}", show_ticket)
+    app.router.add_post("/api/v1/tickets/{ticket_id}/resolve", resolve_ticket)
+    app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/health", health)

@@ -1,0 +1,154 @@
+"""Marshmallow schemas for every REST body and Socket.IO payload: one place that says what input is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from server.errors import ApiError, validation_error
+
+# C0/C1 control characters except tab, newline and carriage return.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_ID_PATTERN = validate.Regexp(r"^[A-Za-z0-9_.:@\-]{1,128}$", error="Use 1-128 letters, digits or _.:@-")
+
+
+class CleanString(fields.String):
+    """A string normalized to NFC with control characters removed, so stored text is what users see."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        return _CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text))
+
+
+class StrictSchema(Schema):
+    """Unknown fields are refused rather than silently dropped."""
+
+    class Meta:
+        unknown = RAISE
+
+
+def _metadata_field(max_bytes: int) -> fields.Dict:
+    """Free-form client metadata, capped so it cannot bloat the session record."""
+
+    def small_enough(value: dict[str, Any]) -> None:
+        if len(json.dumps(value, ensure_ascii=False).encode()) > max_bytes:
+            raise ValidationError(f"At most {max_bytes} bytes of JSON.")
+
+    return fields.Dict(keys=fields.String(validate=validate.Length(max=64)), load_default=dict, validate=small_enough)
+
+
+@dataclass(frozen=True, slots=True)
+class Schemas:
+    """The schema instances, built once per app with the limits from settings."""
+
+    create_session: Schema
+    send_message: Schema
+    join_chat: Schema
+    escalate: Schema
+    session_ref: Schema
+    history_query: Schema
+    provide_contact: Schema
+    agent_session: Schema
+    agent_message: Schema
+    agent_close: Schema
+    ticket_resolve: Schema
+
+
+def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
+    """Make schemas that know the configured limits (marshmallow 4 has no context)."""
+
+    message_field = CleanString(
+        required=True,
+        validate=[
+            validate.Length(min=1, max=max_message_length, error=f"Between 1 and {max_message_length} characters."),
+            validate.Predicate("strip", error="The message is empty."),
+        ],
+    )
+
+    class CreateSessionSchema(StrictSchema):
+        userId = CleanString(required=True, validate=validate.Length(min=1, max=128))
+        metadata = _metadata_field(metadata_max_bytes)
+
+    class SendMessageSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        message = message_field
+        clientMessageId = fields.String(validate=_ID_PATTERN, allow_none=True)
+        token = fields.String(validate=validate.Length(max=256))
+
+    class JoinChatSchema(StrictSchema):
+        sessionId = fields.String(validate=_ID_PATTERN)
+        token = fields.String(validate=validate.Length(min=1, max=256))
+        afterMessageId = fields.String(validate=_ID_PATTERN, allow_none=True)
+        userId = CleanString(validate=validate.Length(min=1, max=128))
+        metadata = _metadata_field(metadata_max_bytes)
+
+        @validates_schema
+        def one_way_in(self, data: dict[str, Any], **_: Any) -> None:
+            rejoin = "sessionId" in data or "token" in data
+            if rejoin:
+                missing = {k: "Missing data for required field." for k in ("sessionId", "token") if k not in data}
+                if missing:
+                    raise ValidationError(missing)
+            elif "userId" not in data:
+                raise ValidationError({"userId": "Give userId to start a session, or sessionId and token."})
+
+    class EscalateSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        reason = CleanString(validate=validate.Length(max=500), allow_none=True)
+        token = fields.String(validate=validate.Length(max=256))
+
+    class SessionRefSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        token = fields.String(validate=validate.Length(max=256))
+
+    class HistoryQuerySchema(StrictSchema):
+        limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+        before = fields.String(validate=_ID_PATTERN)
+
+    class ProvideContactSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        email = fields.Email(required=True, validate=validate.Length(max=254))
+        token = fields.String(validate=validate.Length(max=256))
+
+    class AgentSessionSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+
+    class AgentMessageSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        message = message_field
+
+    class AgentCloseSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        resolution = CleanString(load_default="Resolved", validate=validate.Length(min=1, max=500))
+
+    class TicketResolveSchema(StrictSchema):
+        resolution = CleanString(load_default=None, allow_none=True, validate=validate.Length(max=1000))
+
+    return Schemas(
+        create_session=CreateSessionSchema(),
+        send_message=SendMessageSchema(),
+        join_chat=JoinChatSchema(),
+        escalate=EscalateSchema(),
+        session_ref=SessionRefSchema(),
+        history_query=HistoryQuerySchema(),
+        provide_contact=ProvideContactSchema(),
+        agent_session=AgentSessionSchema(),
+        agent_message=AgentMessageSchema(),
+        agent_close=AgentCloseSchema(),
+        ticket_resolve=TicketResolveSchema(),
+    )
+
+
+def load(schema: Schema, payload: Any) -> dict[str, Any]:
+    """Validate a payload or raise the contract's validation_error; non-objects are refused too."""
+    if not isinstance(payload, dict):
+        raise ApiError("validation_error", "The payload must be a JSON object.")
+    try:
+        return schema.load(payload)
+    except ValidationError as err:
+        raise validation_error(err.normalized_messages()) from None

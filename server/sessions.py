@@ -1,0 +1,551 @@
+"""SessionManager: the only code that knows Redis keys."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+
+from server.errors import ApiError, unauthorized
+
+PREFIX = "chat"
+
+# Appends one message atomically: refuses unknown sessions, honours clientMessageId idempotence,
+# keeps the id->position index, renews every TTL, and returns the context that preceded it.
+_APPEND_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, false, {}, ''} end
+if ARGV[3] ~= '' then
+  local existing = redis.call('HGET', KEYS[4], ARGV[3])
+  if existing then
+    local pos = tonumber(redis.call('HGET', KEYS[3], existing))
+    return {0, redis.call('LINDEX', KEYS[2], pos), {}, state}
+  end
+end
+local n = redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], n - 1)
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], ARGV[1]) end
+redis.call('HSET', KEYS[1], 'expiresAt', ARGV[6])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[8])
+local context = {}
+local want = tonumber(ARGV[7])
+if want > 0 and n > 1 then
+  local first = n - 1 - want
+  if first < 0 then first = 0 end
+  context = redis.call('LRANGE', KEYS[2], first, n - 2)
+end
+return {1, ARGV[2], context, state}
+"""
+
+
+# Puts a session in the agents' queue unless it is already waiting or held by an agent.
+_ENQUEUE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'waiting_agent' or state == 'agent' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'waiting_agent', 'waitingSince', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return 1
+"""
+
+# One agent wins a waiting session; everyone else learns its state.
+_CLAIM_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'waiting_agent' then return {0, state or ''} end
+redis.call('HSET', KEYS[1], 'state', 'agent', 'agentName', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local entry = redis.call('HGET', KEYS[3], ARGV[1]) or ''
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+return {1, entry}
+"""
+
+# Ends an agent's hold: by that agent (ARGV[2]), or by the idle sweep (ARGV[4] = idle cutoff).
+_RELEASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'agent' then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'agentName') ~= ARGV[2] then return -1 end
+if ARGV[4] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if score and tonumber(score) > tonumber(ARGV[4]) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+redis.call('HDEL', KEYS[1], 'agentName')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# Takes a session that waited too long out of the queue; only one process wins it.
+_EXPIRE_WAITING_SCRIPT = """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local entry = redis.call('HGET', KEYS[3], ARGV[1]) or ''
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') == 'waiting_agent' then redis.call('HSET', KEYS[1], 'state', 'ticket') end
+return entry
+"""
+
+
+def now_iso(ts: float | None = None) -> str:
+    """Contract timestamps: ISO 8601 in UTC with milliseconds."""
+    moment = datetime.fromtimestamp(ts if ts is not None else time.time(), tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    """Opaque, unguessable ids (122 random bits)."""
+    return str(uuid.uuid4())
+
+
+def _hash_token(token: str) -> str:
+    """Only a digest of each token is stored, so a Redis dump does not hand out sessions."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A conversation's record, as the rest of the server sees it."""
+
+    id: str
+    user_id: str
+    created_at: str
+    expires_at: str
+    state: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What storing a message did: stored it now, or found the earlier one with the same clientMessageId."""
+
+    message: dict[str, Any]
+    duplicate: bool
+    context: list[dict[str, Any]]
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of history, oldest first."""
+
+    messages: list[dict[str, Any]]
+    has_more: bool
+
+
+class SessionManager:
+    """Sessions, tokens, history, idempotency and usage counters in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl_seconds = ttl_seconds
+        self._append = redis.register_script(_APPEND_SCRIPT)
+        self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
+        self._claim = redis.register_script(_CLAIM_SCRIPT)
+        self._release = redis.register_script(_RELEASE_SCRIPT)
+        self._expire_waiting = redis.register_script(_EXPIRE_WAITING_SCRIPT)
+
+    # Keys -------------------------------------------------------------------------------
+    @staticmethod
+    def _session_key(session_id: str) -> str:
+        return f"{PREFIX}:session:{{{session_id}}}"
+
+    @staticmethod
+    def _history_key(session_id: str) -> str:
+        return f"{PREFIX}:history:{{{session_id}}}"
+
+    @staticmethod
+    def _index_key(session_id: str) -> str:
+        return f"{PREFIX}:msgindex:{{{session_id}}}"
+
+    @staticmethod
+    def _client_ids_key(session_id: str) -> str:
+        return f"{PREFIX}:clientids:{{{session_id}}}"
+
+    @staticmethod
+    def _escalations_key(session_id: str) -> str:
+        return f"{PREFIX}:escalations:{{{session_id}}}"
+
+    @staticmethod
+    def _in_flight_key(session_id: str) -> str:
+        return f"{PREFIX}:inflight:{{{session_id}}}"
+
+    @staticmethod
+    def _ticket_key(ticket_id: str) -> str:
+        return f"{PREFIX}:ticket:{ticket_id}"
+
+    @staticmethod
+    def _session_tickets_key(session_id: str) -> str:
+        return f"{PREFIX}:sessiontickets:{{{session_id}}}"
+
+    _QUEUE_KEY = f"{PREFIX}:queue"
+    _QUEUE_ENTRIES_KEY = f"{PREFIX}:queue:entries"
+    _AGENT_ACTIVITY_KEY = f"{PREFIX}:agentactivity"
+    _AGENTS_ONLINE_KEY = f"{PREFIX}:agents:online"
+    _TICKETS_KEY = f"{PREFIX}:tickets"
+    _ACTIVE_KEY = f"{PREFIX}:active"
+    _USAGE_KEY = f"{PREFIX}:usage"
+
+    def _keys(self, session_id: str) -> list[str]:
+        return [
+            self._session_key(session_id),
+            self._history_key(session_id),
+            self._index_key(session_id),
+            self._client_ids_key(session_id),
+            self._escalations_key(session_id),
+            self._in_flight_key(session_id),
+        ]
+
+    def _expires_at(self, now: float) -> str:
+        return now_iso(now + self.ttl_seconds)
+
+    # Sessions ---------------------------------------------------------------------------
+    async def create(self, user_id: str, metadata: dict[str, Any]) -> tuple[Session, str]:
+        """Open a session and hand back its token; the token itself is never stored."""
+        now = time.time()
+        session = Session(
+            id=new_id(),
+            user_id=user_id,
+            created_at=now_iso(now),
+            expires_at=self._expires_at(now),
+            state="active",
+            metadata=metadata,
+        )
+        token = secrets.token_urlsafe(32)
+        key = self._session_key(session.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "userId": session.user_id,
+                    "tokenHash": _hash_token(token),
+                    "createdAt": session.created_at,
+                    "expiresAt": session.expires_at,
+                    "state": session.state,
+                    "metadata": json.dumps(metadata, ensure_ascii=False),
+                },
+            )
+            pipe.expire(key, self.ttl_seconds)
+            pipe.zadd(self._ACTIVE_KEY, {session.id: now * 1000})
+            await pipe.execute()
+        return session, token
+
+    async def get(self, session_id: str) -> Session | None:
+        """The session, or None when it never existed or expired."""
+        raw = await self.redis.hgetall(self._session_key(session_id))
+        return self._to_session(session_id, raw) if raw else None
+
+    async def authenticate(self, session_id: str, token: str | None) -> Session:
+        """The session when the token is its own; one `unauthorized` for every other case."""
+        raw = await self.redis.hgetall(self._session_key(session_id))
+        expected = raw.get(b"tokenHash", b"").decode() if raw else ""
+        presented = _hash_token(token or "")
+        if not raw or not token or not hmac.compare_digest(expected, presented):
+            raise unauthorized()
+        return self._to_session(session_id, raw)
+
+    async def touch(self, session_id: str) -> str:
+        """Renew every key's TTL on activity; returns the new expiry."""
+        now = time.time()
+        expires_at = self._expires_at(now)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in self._keys(session_id):
+                pipe.expire(key, self.ttl_seconds)
+            pipe.hset(self._session_key(session_id), "expiresAt", expires_at)
+            pipe.zadd(self._ACTIVE_KEY, {session_id: now * 1000})
+            await pipe.execute()
+        return expires_at
+
+    async def set_state(self, session_id: str, state: str) -> None:
+        """Record where the conversation stands (active, escalated, ...)."""
+        await self.redis.hset(self._session_key(session_id), "state", state)
+
+    @staticmethod
+    def _to_session(session_id: str, raw: dict[bytes, bytes]) -> Session:
+        return Session(
+            id=session_id,
+            user_id=raw[b"userId"].decode(),
+            created_at=raw[b"createdAt"].decode(),
+            expires_at=raw[b"expiresAt"].decode(),
+            state=raw.get(b"state", b"active").decode(),
+            metadata=json.loads(raw.get(b"metadata", b"{}")),
+        )
+
+    # Messages ---------------------------------------------------------------------------
+    async def append(
+        self,
+        session_id: str,
+        message: dict[str, Any],
+        *,
+        client_message_id: str | None = None,
+        context_size: int = 0,
+    ) -> AppendResult:
+        """Store a message in order; a repeated clientMessageId returns the first message instead."""
+        now = time.time()
+        keys = self._keys(session_id)[:4] + [self._ACTIVE_KEY]
+        status, stored, context, state = await self._append(
+            keys=keys,
+            args=[
+                message["id"],
+                orjson.dumps(message),
+                client_message_id or "",
+                self.ttl_seconds,
+                int(now * 1000),
+                self._expires_at(now),
+                context_size,
+                session_id,
+            ],
+        )
+        if status == -1:
+            raise ApiError("not_found", "The session has ended.")
+        return AppendResult(
+            message=orjson.loads(stored),
+            duplicate=status == 0,
+            context=[orjson.loads(item) for item in context],
+            state=state.decode() if isinstance(state, bytes) else str(state),
+        )
+
+    async def history(self, session_id: str, limit: int, before: str | None = None) -> HistoryPage:
+        """The newest `limit` messages (older than `before`), oldest first."""
+        if before is None:
+            end = await self.redis.llen(self._history_key(session_id)) - 1
+        else:
+            position = await self.redis.hget(self._index_key(session_id), before)
+            if position is None:
+                raise ApiError("validation_error", "Unknown message id.", {"before": "No such message in this session."})
+            end = int(position) - 1
+        if end < 0:
+            return HistoryPage(messages=[], has_more=False)
+        start = max(0, end - limit + 1)
+        raw = await self.redis.lrange(self._history_key(session_id), start, end)
+        return HistoryPage(messages=[orjson.loads(item) for item in raw], has_more=start > 0)
+
+    async def messages_after(self, session_id: str, message_id: str | None, limit: int = 500) -> list[dict[str, Any]]:
+        """What a rejoining client missed: everything after `message_id`, or the latest page."""
+        if message_id is None:
+            return (await self.history(session_id, limit)).messages
+        position = await self.redis.hget(self._index_key(session_id), message_id)
+        if position is None:
+            return (await self.history(session_id, limit)).messages
+        raw = await self.redis.lrange(self._history_key(session_id), int(position) + 1, int(position) + limit)
+        return [orjson.loads(item) for item in raw]
+
+    async def find_reply(self, session_id: str, user_message_id: str) -> dict[str, Any] | None:
+        """The answer stored for a user message, for idempotent REST retries."""
+        position = await self.redis.hget(self._index_key(session_id), user_message_id)
+        if position is None:
+            return None
+        raw = await self.redis.lrange(self._history_key(session_id), int(position) + 1, int(position) + 20)
+        for item in raw:
+            message = orjson.loads(item)
+            if message.get("replyTo") == user_message_id:
+                return message
+        return None
+
+    def session_lock(self, session_id: str, timeout: float = 300, wait: float = 120) -> Lock:
+        """A Redis lock so one session's messages are handled one at a time across processes."""
+        return self.redis.lock(f"{PREFIX}:lock:{{{session_id}}}", timeout=timeout, blocking_timeout=wait)
+
+    # Replies being written ---------------------------------------------------------------
+    async def save_in_flight(self, session_id: str, message_id: str, text: str, index: int, provider: str) -> None:
+        """The text so far of a reply being streamed, so a rejoin on any process can catch up."""
+        key = self._in_flight_key(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"messageId": message_id, "text": text, "index": index, "provider": provider})
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+
+    async def in_flight(self, session_id: str) -> dict[str, Any] | None:
+        """`{messageId, text, index, provider}` of the reply being written, if any."""
+        raw = await self.redis.hgetall(self._in_flight_key(session_id))
+        if not raw:
+            return None
+        return {
+            "messageId": raw[b"messageId"].decode(),
+            "text": raw[b"text"].decode(),
+            "index": int(raw[b"index"]),
+            "provider": raw.get(b"provider", b"").decode() or None,
+        }
+
+    async def clear_in_flight(self, session_id: str, message_id: str) -> None:
+        """Forget the streamed text once the whole reply is stored."""
+        key = self._in_flight_key(session_id)
+        if (await self.redis.hget(key, "messageId") or b"").decode() == message_id:
+            await self.redis.delete(key)
+
+    # Escalations ------------------------------------------------------------------------
+    async def record_escalation(self, session_id: str, escalation: dict[str, Any]) -> None:
+        """Keep every escalation with the session."""
+        key = self._escalations_key(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, orjson.dumps(escalation))
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+
+    async def escalations(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's escalations, oldest first."""
+        return [orjson.loads(item) for item in await self.redis.lrange(self._escalations_key(session_id), 0, -1)]
+
+    # Counters ---------------------------------------------------------------------------
+    async def count_provider_call(self, provider: str, *, failed: bool) -> None:
+        """Per-provider usage for health and analytics, shared by every process."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self._USAGE_KEY, f"{provider}:requests", 1)
+            if failed:
+                pipe.hincrby(self._USAGE_KEY, f"{provider}:failures", 1)
+            await pipe.execute()
+
+    async def provider_usage(self) -> dict[str, int]:
+        """`{"openai:requests": n, ...}` across all processes."""
+        raw = await self.redis.hgetall(self._USAGE_KEY)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def active_sessions(self) -> int:
+        """Sessions with activity within their TTL."""
+        cutoff = (time.time() - self.ttl_seconds) * 1000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self._ACTIVE_KEY, "-inf", cutoff)
+            pipe.zcard(self._ACTIVE_KEY)
+            _, count = await pipe.execute()
+        return int(count)
+
+
+    # Handoff: queue, claims, agents online ----------------------------------------------
+    async def enqueue(self, session_id: str, entry: dict[str, Any]) -> bool | None:
+        """Queue a session for agents; False when it already waits or is held, None when it is gone."""
+        status = await self._enqueue(
+            keys=[self._session_key(session_id), self._QUEUE_KEY, self._QUEUE_ENTRIES_KEY],
+            args=[session_id, orjson.dumps(entry), int(time.time() * 1000)],
+        )
+        return None if status == -1 else status == 1
+
+    async def queue(self) -> list[dict[str, Any]]:
+        """Waiting sessions, oldest first."""
+        ids = await self.redis.zrange(self._QUEUE_KEY, 0, -1)
+        if not ids:
+            return []
+        raw = await self.redis.hmget(self._QUEUE_ENTRIES_KEY, ids)
+        return [orjson.loads(item) for item in raw if item]
+
+    async def update_queue_entry(self, session_id: str, **fields: Any) -> bool:
+        """Add late facts (the summary) to a waiting entry."""
+        raw = await self.redis.hget(self._QUEUE_ENTRIES_KEY, session_id)
+        if raw is None:
+            return False
+        entry = orjson.loads(raw) | fields
+        await self.redis.hset(self._QUEUE_ENTRIES_KEY, session_id, orjson.dumps(entry))
+        return True
+
+    async def claim(self, session_id: str, agent_name: str) -> tuple[bool, dict[str, Any] | str]:
+        """(True, queue entry) for the one winner; (False, current state) for everyone else."""
+        won, value = await self._claim(
+            keys=[self._session_key(session_id), self._QUEUE_KEY, self._QUEUE_ENTRIES_KEY, self._AGENT_ACTIVITY_KEY],
+            args=[session_id, agent_name, int(time.time() * 1000)],
+        )
+        if won == 1:
+            return True, orjson.loads(value) if value else {}
+        return False, value.decode() if isinstance(value, bytes) else str(value)
+
+    async def release(
+        self, session_id: str, agent_name: str | None, new_state: str, idle_cutoff_ms: int | None = None
+    ) -> int:
+        """1 released, 0 not held (or active again), -1 held by another agent."""
+        return int(
+            await self._release(
+                keys=[self._session_key(session_id), self._AGENT_ACTIVITY_KEY],
+                args=[session_id, agent_name or "", new_state, "" if idle_cutoff_ms is None else idle_cutoff_ms],
+            )
+        )
+
+    async def agent_holder(self, session_id: str) -> str | None:
+        """The agent holding the session, if one does."""
+        state, name = await self.redis.hmget(self._session_key(session_id), ["state", "agentName"])
+        return name.decode() if state == b"agent" and name else None
+
+    async def touch_agent_activity(self, session_id: str) -> None:
+        """An agent wrote: the idle clock starts again."""
+        await self.redis.zadd(self._AGENT_ACTIVITY_KEY, {session_id: int(time.time() * 1000)}, xx=True)
+
+    async def overdue(self, wait_cutoff_ms: int, idle_cutoff_ms: int) -> tuple[list[str], list[str]]:
+        """Sessions waiting since before the wait cutoff, and agent holds idle since before the idle cutoff."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(self._QUEUE_KEY, "-inf", wait_cutoff_ms)
+            pipe.zrangebyscore(self._AGENT_ACTIVITY_KEY, "-inf", idle_cutoff_ms)
+            waiting, idle = await pipe.execute()
+        return [w.decode() for w in waiting], [i.decode() for i in idle]
+
+    async def take_overdue_waiting(self, session_id: str, wait_cutoff_ms: int) -> dict[str, Any] | None:
+        """The queue entry, when this process is the one that moves it to a ticket."""
+        entry = await self._expire_waiting(
+            keys=[self._session_key(session_id), self._QUEUE_KEY, self._QUEUE_ENTRIES_KEY],
+            args=[session_id, wait_cutoff_ms],
+        )
+        if entry is None:
+            return None
+        return orjson.loads(entry) if entry else {}
+
+    async def agent_seen(self, member: str, *, online: bool) -> None:
+        """Keep the shared register of connected agents (each process refreshes its own)."""
+        if online:
+            await self.redis.zadd(self._AGENTS_ONLINE_KEY, {member: int(time.time() * 1000)})
+        else:
+            await self.redis.zrem(self._AGENTS_ONLINE_KEY, member)
+
+    async def agents_online(self, fresh_within_ms: int) -> int:
+        """Agents connected to any process, seen within the window."""
+        cutoff = int(time.time() * 1000) - fresh_within_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self._AGENTS_ONLINE_KEY, "-inf", cutoff)
+            pipe.zcard(self._AGENTS_ONLINE_KEY)
+            _, count = await pipe.execute()
+        return int(count)
+
+    async def set_session_fields(self, session_id: str, **fields: str) -> None:
+        """Small facts about the conversation (summary, contact, resolution)."""
+        await self.redis.hset(self._session_key(session_id), mapping=fields)
+
+    async def session_fields(self, session_id: str, *names: str) -> dict[str, str | None]:
+        """Read back those facts."""
+        values = await self.redis.hmget(self._session_key(session_id), list(names))
+        return {name: v.decode() if v is not None else None for name, v in zip(names, values, strict=True)}
+
+    async def transcript(self, session_id: str) -> list[dict[str, Any]]:
+        """The whole conversation, oldest first."""
+        return [orjson.loads(item) for item in await self.redis.lrange(self._history_key(session_id), 0, -1)]
+
+    # Tickets ----------------------------------------------------------------------------
+    async def save_ticket(self, ticket: dict[str, Any]) -> None:
+        """Create or update a ticket; tickets outlive the session (they are how we follow up)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._ticket_key(ticket["id"]), orjson.dumps(ticket))
+            pipe.zadd(self._TICKETS_KEY, {ticket["id"]: int(time.time() * 1000)}, nx=True)
+            pipe.sadd(self._session_tickets_key(ticket["sessionId"]), ticket["id"])
+            await pipe.execute()
+
+    async def ticket(self, ticket_id: str) -> dict[str, Any] | None:
+        """One ticket, or None."""
+        raw = await self.redis.get(self._ticket_key(ticket_id))
+        return orjson.loads(raw) if raw else None
+
+    async def tickets(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest tickets first."""
+        ids = await self.redis.zrevrange(self._TICKETS_KEY, 0, limit - 1)
+        if not ids:
+            return []
+        raw = await self.redis.mget([self._ticket_key(i.decode()) for i in ids])
+        return [orjson.loads(item) for item in raw if item]
+
+    async def session_ticket_ids(self, session_id: str) -> list[str]:
+        """Tickets opened for a session."""
+        return sorted(i.decode() for i in await self.redis.smembers(self._session_tickets_key(session_id)))

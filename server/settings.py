@@ -1,0 +1,194 @@
+"""One typed settings object, read once from the environment and `.env`."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from environs import Env
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_KEYWORDS = (
+    "urgent",
+    "emergency",
+    "complaint",
+    "refund",
+    "human",
+    "agent",
+    "manager",
+    "supervisor",
+    "lawyer",
+    "fraud",
+    "cancel my account",
+    "speak to a person",
+    "real person",
+)
+
+
+class Secret:
+    """A value that must never show up in logs, reprs or health answers."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value or None
+
+    def reveal(self) -> str | None:
+        """The raw value, for the one place that must send it (an SDK client)."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(
+            (self._value or "").encode(), (other._value or "").encode()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the server; defaults are the contract's."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    openai_api_key: Secret = field(default_factory=lambda: Secret(None))
+    openai_model: str = "gpt-4.1-mini"
+    openai_base_url: str | None = None
+    gemini_api_key: Secret = field(default_factory=lambda: Secret(None))
+    gemini_model: str = "gemini-2.5-flash"
+    gemini_base_url: str | None = None
+    ai_providers: tuple[str, ...] = ("openai", "gemini", "local")
+    ai_request_timeout: float = 30.0
+    ai_first_token_timeout: float = 10.0
+    ai_stream_idle_timeout: float = 15.0
+    provider_failure_threshold: int = 3
+    provider_cooldown: float = 30.0
+    redis_url: str | None = None
+    data_dir: Path = PROJECT_ROOT / "data"
+    max_conversation_history: int = 10
+    max_message_length: int = 4000
+    escalation_keywords: tuple[str, ...] = DEFAULT_KEYWORDS
+    escalation_confidence_threshold: float = 0.5
+    session_timeout_ms: int = 1_800_000
+    log_level: str = "INFO"
+    log_format: str = "text"
+    cors_origins: tuple[str, ...] = ()
+    stream_flush_ms: int = 40
+    stream_flush_chars: int = 64
+    store_name: str = "Northwind Goods"
+    assistant_tone: str = "warm, concise and professional"
+    system_prompt_file: Path = PROJECT_ROOT / "config" / "system_prompt.md"
+    knowledge_dir: Path = PROJECT_ROOT / "config" / "knowledge"
+    knowledge_in_prompt: int = 3
+    ws_compression: bool = False
+    max_body_bytes: int = 64 * 1024
+    metadata_max_bytes: int = 4096
+    agent_api_keys: tuple[tuple[str, Secret], ...] = ()
+    handoff_message: str = (
+        "I'm bringing in a member of our support team. They'll see everything we've discussed, "
+        "so you won't need to repeat yourself. You can keep writing meanwhile."
+    )
+    agent_wait_timeout: float = 120.0
+    agent_idle_timeout: float = 300.0
+
+    @property
+    def session_ttl_seconds(self) -> int:
+        """Redis TTLs are whole seconds; the contract's setting is milliseconds."""
+        return max(1, -(-self.session_timeout_ms // 1000))
+
+    @property
+    def redis_mode(self) -> str:
+        """`external` when an operator pointed us at a Redis, else `embedded`."""
+        return "external" if self.redis_url else "embedded"
+
+    @classmethod
+    def from_env(cls, env_file: str | Path | None = ".env") -> Settings:
+        """Read the environment (and `.env` when present) once, at start-up."""
+        env = Env()
+        if env_file is not None:
+            env.read_env(str(env_file), recurse=False, override=False)
+        defaults = cls()
+        redis_url = env.str("REDIS_URL", None) or _redis_url_from_parts(env)
+        providers = tuple(
+            p.strip().lower() for p in env.list("AI_PROVIDERS", list(defaults.ai_providers)) if p.strip()
+        )
+        keywords = tuple(
+            k.strip().lower()
+            for k in env.list("ESCALATION_KEYWORDS", list(defaults.escalation_keywords))
+            if k.strip()
+        )
+        return cls(
+            host=env.str("HOST", defaults.host),
+            port=env.int("PORT", defaults.port),
+            openai_api_key=Secret(env.str("OPENAI_API_KEY", None)),
+            openai_model=env.str("OPENAI_MODEL", defaults.openai_model),
+            openai_base_url=env.str("OPENAI_BASE_URL", None) or None,
+            gemini_api_key=Secret(env.str("GEMINI_API_KEY", None)),
+            gemini_model=env.str("GEMINI_MODEL", defaults.gemini_model),
+            gemini_base_url=env.str("GEMINI_BASE_URL", None) or None,
+            ai_providers=providers,
+            ai_request_timeout=env.float("AI_REQUEST_TIMEOUT", defaults.ai_request_timeout),
+            ai_first_token_timeout=env.float("AI_FIRST_TOKEN_TIMEOUT", defaults.ai_first_token_timeout),
+            ai_stream_idle_timeout=env.float("AI_STREAM_IDLE_TIMEOUT", defaults.ai_stream_idle_timeout),
+            provider_failure_threshold=env.int(
+                "PROVIDER_FAILURE_THRESHOLD", defaults.provider_failure_threshold
+            ),
+            provider_cooldown=env.float("PROVIDER_COOLDOWN", defaults.provider_cooldown),
+            redis_url=redis_url,
+            data_dir=Path(env.str("DATA_DIR", str(defaults.data_dir))),
+            max_conversation_history=env.int("MAX_CONVERSATION_HISTORY", defaults.max_conversation_history),
+            max_message_length=env.int("MAX_MESSAGE_LENGTH", defaults.max_message_length),
+            escalation_keywords=keywords,
+            escalation_confidence_threshold=env.float(
+                "ESCALATION_CONFIDENCE_THRESHOLD", defaults.escalation_confidence_threshold
+            ),
+            session_timeout_ms=env.int("SESSION_TIMEOUT", defaults.session_timeout_ms),
+            log_level=env.str("LOG_LEVEL", defaults.log_level).upper(),
+            log_format=env.str("LOG_FORMAT", defaults.log_format).lower(),
+            cors_origins=tuple(o.strip() for o in env.list("CORS_ORIGINS", []) if o.strip()),
+            stream_flush_ms=env.int("STREAM_FLUSH_MS", defaults.stream_flush_ms),
+            stream_flush_chars=env.int("STREAM_FLUSH_CHARS", defaults.stream_flush_chars),
+            store_name=env.str("STORE_NAME", defaults.store_name),
+            assistant_tone=env.str("ASSISTANT_TONE", defaults.assistant_tone),
+            system_prompt_file=Path(env.str("SYSTEM_PROMPT_FILE", str(defaults.system_prompt_file))),
+            knowledge_dir=Path(env.str("KNOWLEDGE_DIR", str(defaults.knowledge_dir))),
+            knowledge_in_prompt=env.int("KNOWLEDGE_IN_PROMPT", defaults.knowledge_in_prompt),
+            ws_compression=env.bool("WS_COMPRESSION", defaults.ws_compression),
+            agent_api_keys=parse_agent_keys(env.str("AGENT_API_KEYS", "")),
+            handoff_message=env.str("HANDOFF_MESSAGE", defaults.handoff_message),
+            agent_wait_timeout=env.float("AGENT_WAIT_TIMEOUT", defaults.agent_wait_timeout),
+            agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
+        )
+
+
+def parse_agent_keys(raw: str) -> tuple[tuple[str, Secret], ...]:
+    """`name:key,name:key` from AGENT_API_KEYS; entries without both parts are ignored."""
+    pairs: list[tuple[str, Secret]] = []
+    for item in raw.split(","):
+        name, _, key = item.strip().partition(":")
+        if name.strip() and key.strip():
+            pairs.append((name.strip(), Secret(key.strip())))
+    return tuple(pairs)
+
+
+def _redis_url_from_parts(env: Env) -> str | None:
+    """Build a URL from REDIS_HOST/PORT/PASSWORD/DB, the contract's alternative to REDIS_URL."""
+    host = env.str("REDIS_HOST", None)
+    if not host:
+        return None
+    port = env.int("REDIS_PORT", 6379)
+    db = env.int("REDIS_DB", 0)
+    password = env.str("REDIS_PASSWORD", None)
+    auth = f":{password}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"

@@ -1,0 +1,80 @@
+"""python-socketio's Redis manager, guarded against the ways it is known to go quietly deaf."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from loguru import logger
+from socketio import AsyncRedisManager
+
+PROBE_PREFIX = b"__probe__:"
+
+
+class GuardedRedisManager(AsyncRedisManager):  # type: ignore[misc]
+    """Rooms and emits across processes, plus a self-addressed probe that proves pub/sub still delivers.
+
+    Guards against python-socketio #1411/#1581 (emits lost while Redis is down, a worker silently deaf
+    after its pub/sub connection dropped) and redis-py's read timeout making pub/sub reconnect in a storm:
+    the pub/sub connection has no read timeout, and when our own probe stops coming back we say so in
+    health and force a reconnect.
+    """
+
+    def __init__(self, url: str, *, probe_interval: float = 2.0, **kwargs: Any) -> None:
+        options = {"socket_timeout": None, "socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 0}
+        super().__init__(url, redis_options=options, **kwargs)
+        self.probe_interval = probe_interval
+        self._probe_id = uuid.uuid4().hex.encode()
+        self.last_probe_seen = time.monotonic()
+        self.reconnects = 0
+        self._probe_task: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether our own probe came back recently."""
+        return time.monotonic() - self.last_probe_seen < self.probe_interval * 3 + 1
+
+    def initialize(self) -> None:
+        super().initialize()
+        if not self.write_only:
+            self._probe_task = self.server.start_background_task(self._probe_loop)
+
+    async def _listen(self) -> AsyncIterator[Any]:
+        async for message in super()._listen():
+            if isinstance(message, bytes) and message.startswith(PROBE_PREFIX):
+                if message[len(PROBE_PREFIX) :] == self._probe_id:
+                    self.last_probe_seen = time.monotonic()
+                continue
+            yield message
+
+    async def _probe_loop(self) -> None:
+        """Publish a probe every interval; if it stopped coming back, drop the pub/sub connection to reconnect."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                if self.redis is not None:
+                    await self.redis.publish(self.channel, PROBE_PREFIX + self._probe_id)
+            except Exception as err:
+                logger.warning("socket.io pub/sub probe could not be published: {}", type(err).__name__)
+            if not self.healthy and self.pubsub is not None:
+                logger.warning("socket.io pub/sub probe missing: reconnecting the listener")
+                self.reconnects += 1
+                with contextlib.suppress(Exception):
+                    await self.pubsub.aclose()
+                self.connected = False
+
+    async def aclose(self) -> None:
+        """Stop the listener and the probe and close the manager's Redis connections (clean shutdown)."""
+        for task in (getattr(self, "thread", None), self._probe_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(task, 2)
+        for closable in (self.pubsub, self.redis):
+            if closable is not None:
+                with contextlib.suppress(Exception):
+                    await closable.aclose()

@@ -1,0 +1,160 @@
+"""The visitor's Socket.IO edge: validate, call one service method, then ack or emit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import socketio
+from loguru import logger
+
+from server.chat_service import ChatService
+from server.errors import ApiError
+from server.handoff import HandoffService
+from server.schemas import Schemas, load
+from server.sessions import SessionManager
+from server.socket_server import ack_requested, after_ack
+
+HISTORY_ON_JOIN = 50
+AGENT_ONLY_EVENTS = ("claim", "release", "close", "agent-message", "get-queue")
+SocketHandler = Callable[[str, Any], Awaitable[dict[str, Any]]]
+
+
+def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, namespace: str = "/") -> Callable[
+    ..., Awaitable[dict[str, Any]]
+]:
+    """Wrap a handler: one payload argument, the contract's ack shape, `chat-error` when no ack was asked."""
+
+    async def handle(sid: str, *args: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        payload = args[0] if len(args) == 1 else None
+        session_id = payload.get("sessionId") if isinstance(payload, dict) else None
+        with logger.contextualize(sid=sid, session=session_id):
+            try:
+                answer = {"ok": True, **await handler(sid, payload)}
+            except ApiError as err:
+                answer = {"ok": False, "error": err.to_dict()}
+                if err.retry_after is not None:
+                    answer["retryAfter"] = err.retry_after
+            except Exception:
+                logger.exception("socket event {} failed", event)
+                answer = {"ok": False, "error": ApiError("internal", "Something went wrong.").to_dict()}
+            logger.info(
+                "socket {}{} session={} -> {} in {:.1f} ms",
+                "" if namespace == "/" else namespace + " ",
+                event,
+                answer.get("sessionId", session_id),
+                "ok" if answer["ok"] else answer["error"]["code"],
+                (time.perf_counter() - started) * 1000,
+            )
+        if not answer["ok"] and not ack_requested():
+            await sio.emit("chat-error", {"event": event, "error": answer["error"]}, to=sid, namespace=namespace)
+        return answer
+
+    return handle
+
+
+class CustomerEvents:
+    """Handlers for the default namespace; which sessions a socket joined lives in its socket session."""
+
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        schemas: Schemas,
+        sessions: SessionManager,
+        chat: ChatService,
+        handoff: HandoffService,
+        provider_names: Callable[[], list[str]],
+    ) -> None:
+        self.sio = sio
+        self.schemas = schemas
+        self.sessions = sessions
+        self.chat = chat
+        self.handoff = handoff
+        self.provider_names = provider_names
+        self.connected = 0
+
+    def register(self) -> None:
+        """Attach every handler to the server."""
+        self.sio.on("connect", self.on_connect)
+        self.sio.on("disconnect", self.on_disconnect)
+        handlers: dict[str, Callable[[str, Any], Awaitable[dict[str, Any]]]] = {
+            "join-chat": self.join_chat,
+            "send-message": self.send_message,
+            "escalate": self.escalate,
+            "stop-generation": self.stop_generation,
+            "provide-contact": self.provide_contact,
+        }
+        for event in AGENT_ONLY_EVENTS:
+            handlers[event] = self.agent_only
+        for event, handler in handlers.items():
+            self.sio.on(event, socket_edge(self.sio, event, handler))
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        self.connected += 1
+        await self.sio.save_session(sid, {"sessions": set()})
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        self.connected -= 1
+
+    async def _joined(self, sid: str, session_id: str) -> None:
+        """Only sockets that joined a session with its token may act on it."""
+        session = await self.sio.get_session(sid)
+        if session_id not in session.get("sessions", ()):
+            raise ApiError("unauthorized", "Join the session with its token first.")
+
+    async def join_chat(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.join_chat, payload)
+        if "sessionId" in data:
+            session = await self.sessions.authenticate(data["sessionId"], data["token"])
+            token = data["token"]
+            await self.sessions.touch(session.id)
+        else:
+            session, token = await self.sessions.create(data["userId"], data["metadata"])
+        await self.sio.enter_room(sid, session.id)
+        async with self.sio.session(sid) as socket_session:
+            socket_session.setdefault("sessions", set()).add(session.id)
+        history = await self.sessions.messages_after(session.id, data.get("afterMessageId"), HISTORY_ON_JOIN)
+        joined: dict[str, Any] = {
+            "sessionId": session.id,
+            "userId": session.user_id,
+            "history": history,
+            "providers": self.provider_names(),
+        }
+        in_progress = await self.chat.in_progress(session.id, history)
+        if in_progress is not None:
+            joined["inProgress"] = in_progress
+
+        async def announce() -> None:
+            await self.sio.emit("chat-joined", joined, to=sid)
+
+        after_ack(announce)
+        return {"sessionId": session.id, "token": token}
+
+    async def send_message(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.send_message, payload)
+        await self._joined(sid, data["sessionId"])
+        stored, _ = await self.chat.submit(data["sessionId"], data["message"], data.get("clientMessageId"))
+        return {"messageId": stored["id"]}
+
+    async def escalate(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.escalate, payload)
+        await self._joined(sid, data["sessionId"])
+        await self.chat.escalate(data["sessionId"], data.get("reason"))
+        return {}
+
+    async def stop_generation(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.session_ref, payload)
+        await self._joined(sid, data["sessionId"])
+        return {"stopped": self.chat.stop(data["sessionId"])}
+
+    async def provide_contact(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.provide_contact, payload)
+        await self._joined(sid, data["sessionId"])
+        ticket = await self.handoff.provide_contact(data["sessionId"], data["email"])
+        return {"ticketId": ticket["id"]}
+
+    async def agent_only(self, sid: str, payload: Any) -> dict[str, Any]:
+        """Agent events on the customers' namespace are refused, whatever the payload."""
+        raise ApiError("unauthorized", "Agent events need the /agents namespace and an agent key.")

@@ -1,0 +1,51 @@
+"""Short summaries for the agent who takes over, so the customer never has to repeat themselves."""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from server.provider_chain import ProviderChain
+from server.providers.base import ProviderRequest
+from server.sessions import SessionManager
+
+SUMMARY_PROMPT = (
+    "You write hand-over notes for a human support agent. Summarize the conversation below in at most "
+    "three short sentences: the customer's problem, what was already answered or tried, and what they "
+    "want now. Include order numbers or other identifiers the customer gave. No greeting, no advice."
+)
+
+
+class ConversationSummarizer:
+    """Asks the provider chain (never the offline knowledge base) and falls back to the customer's own words."""
+
+    def __init__(self, chain: ProviderChain, sessions: SessionManager, max_messages: int = 30) -> None:
+        self._chain = chain
+        self._sessions = sessions
+        self._max_messages = max_messages
+
+    async def summarize(self, session_id: str) -> str:
+        """A few sentences about the conversation so far."""
+        messages = (await self._sessions.transcript(session_id))[-self._max_messages :]
+        conversation = "\n".join(
+            f"{m['role']}: {m['content']}" for m in messages if m.get("role") in ("user", "assistant", "agent")
+        )
+        if conversation:
+            try:
+                done = await self._chain.complete(
+                    ProviderRequest(system_prompt=SUMMARY_PROMPT, history=(), message=conversation, max_tokens=200),
+                    skip=("local",),
+                )
+            except Exception as err:
+                logger.warning("summary for {} failed: {}", session_id, type(err).__name__)
+                done = None
+            if done is not None and done.text.strip():
+                return done.text.strip()
+        return self.fallback(messages)
+
+    @staticmethod
+    def fallback(messages: list[dict]) -> str:
+        """The customer's last few messages, when no model can summarize."""
+        said = [m["content"].strip() for m in messages if m.get("role") == "user" and m.get("content")]
+        if not said:
+            return "The customer has not written anything yet."
+        return "Customer's last messages: " + " | ".join(f"“{text[:200]}”" for text in said[-3:])

@@ -1,0 +1,157 @@
+"""Failover on every fault, circuit breakers, and the four escalation triggers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningServer, free_port, joined_client
+
+
+async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:
+    sent = await client.call("send-message", {"sessionId": session_id, "message": text})
+    assert sent["ok"], sent
+    return await client.reply_to(sent["messageId"], timeout=timeout)
+
+
+async def health(server: RunningServer) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/v1/health") as response:
+        return await response.json()
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("status", {"status": 500}),
+        ("status", {"status": 401}),
+        ("status", {"status": 400}),
+        ("status", {"status": 429, "retry_after": 1}),
+        ("malformed", {}),
+        ("empty", {}),
+        ("hang", {}),
+        ("cut", {"after": 0}),
+    ],
+)
+async def test_openai_fault_moves_to_gemini_within_one_request(server, connect, double, mode, options) -> None:
+    double.set_mode("openai", mode, **options)
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "Is my order shipped?")
+    assert received["message"]["provider"] == "gemini"
+    assert received["message"]["content"] == "Echo: Is my order shipped?"
+    assert received["escalation"] is None
+    assert len(double.requests["openai"]) == 1  # the SDK's own retries are off
+
+
+async def test_refused_connection_fails_over(start_server, connect, double) -> None:
+    server = await start_server(openai_base_url=f"http://127.0.0.1:{free_port()}/v1")
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "hello")
+    assert received["message"]["provider"] == "gemini"
+
+
+async def test_both_failing_falls_back_to_local_knowledge(server, connect, double) -> None:
+    double.set_mode("both", "status", status=503)
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "How long does standard shipping take?")
+    message = received["message"]
+    assert message["provider"] == "local" and message["role"] == "assistant"
+    assert "business days" in message["content"]
+    assert message["confidence"] >= 0.5 and received["escalation"] is None
+
+
+async def test_all_failing_without_local_gives_system_message_and_error_escalation(
+    start_server, connect, double, redis_sync
+) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"))
+    double.set_mode("both", "status", status=500)
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "anyone there?")
+    assert received["message"]["role"] == "system" and "follow up" in received["message"]["content"]
+    assert received["escalation"]["trigger"] == "error" and received["escalation"]["sessionId"] == session_id
+    escalation = (await client.wait_for("escalation-needed"))[0]
+    assert escalation["trigger"] == "error" and set(escalation) == {"sessionId", "trigger", "reason", "createdAt"}
+    assert redis_sync.llen(f"chat:escalations:{{{session_id}}}") == 1
+
+
+async def test_provider_without_key_is_skipped(start_server, connect, double) -> None:
+    from server.settings import Secret
+
+    server = await start_server(openai_api_key=Secret(None))
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "hi")
+    assert received["message"]["provider"] == "gemini"
+    assert double.requests["openai"] == []
+    assert (await client.wait_for("chat-joined"))[0]["providers"] == ["gemini", "local"]
+
+
+async def test_breaker_opens_half_opens_and_closes(start_server, connect, double) -> None:
+    server = await start_server(provider_failure_threshold=2, provider_cooldown=1.0)
+    client, session_id, _ = await joined_client(connect, server.url)
+    double.set_mode("openai", "status", status=500)
+    for _ in range(2):
+        assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
+    assert len(double.requests["openai"]) == 2
+    states = {p["name"]: p for p in (await health(server))["providers"]}
+    assert states["openai"]["state"] == "open" and states["openai"]["failures"] == 2
+
+    # open: skipped without a call
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
+    assert len(double.requests["openai"]) == 2
+
+    await asyncio.sleep(1.1)
+    states = {p["name"]: p for p in (await health(server))["providers"]}
+    assert states["openai"]["state"] == "half_open"
+    # half open: one trial, which fails and re-opens at once
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
+    assert len(double.requests["openai"]) == 3
+    assert {p["name"]: p for p in (await health(server))["providers"]}["openai"]["state"] == "open"
+
+    await asyncio.sleep(1.1)
+    double.set_mode("openai", "ok")
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "openai"
+    assert {p["name"]: p for p in (await health(server))["providers"]}["openai"]["state"] == "closed"
+
+
+async def test_rate_limit_retry_after_opens_the_circuit_for_that_long(start_server, connect, double) -> None:
+    server = await start_server(provider_failure_threshold=5)
+    client, session_id, _ = await joined_client(connect, server.url)
+    double.set_mode("openai", "status", status=429, retry_after=1)
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
+    double.set_mode("openai", "ok")
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
+    assert len(double.requests["openai"]) == 1
+    await asyncio.sleep(1.1)
+    assert (await ask(client, session_id, "q"))["message"]["provider"] == "openai"
+
+
+@pytest.mark.parametrize("text", ["This is URGENT!", "I want a Refund", "let me talk to a human please"])
+async def test_keyword_escalation(server, connect, text) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, text)
+    assert received["message"]["role"] == "assistant"
+    assert received["escalation"]["trigger"] == "keyword"
+    assert (await client.wait_for("escalation-needed"))[0]["trigger"] == "keyword"
+
+
+async def test_keywords_match_whole_words_only(server, connect) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "My agentic humanoid robot arrived refunded? no: refundable")
+    assert received["escalation"] is None
+
+
+async def test_low_confidence_escalates_and_null_confidence_does_not(server, connect, double) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    double.set_mode("openai", "low_logprobs")
+    received = await ask(client, session_id, "what about this?")
+    assert received["message"]["confidence"] < 0.5
+    assert received["escalation"]["trigger"] == "low_confidence"
+
+
+async def test_user_request_escalation(server, connect) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    ack = await client.call("escalate", {"sessionId": session_id, "reason": "I'd like a person"})
+    assert ack == {"ok": True}
+    escalation = (await client.wait_for("escalation-needed"))[0]
+    assert escalation["trigger"] == "user_request" and escalation["reason"] == "I'd like a person"

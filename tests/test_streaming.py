@@ -1,0 +1,184 @@
+"""Streaming: coalesced chunks, stop, failover before/after the first delta, resume, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from tests.conftest import joined_client
+
+
+def chunks_for(client, message_id: str) -> list[dict]:
+    return [c for c in client.of("message-chunk") if c["messageId"] == message_id]
+
+
+def assert_gapless(chunks: list[dict]) -> None:
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+
+
+async def test_fast_stream_is_coalesced_and_adds_up_to_the_stored_reply(server, connect, double) -> None:
+    double.set_mode("openai", "ok", tokens=500)
+    client, session_id, token = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "long answer please"})
+    received = await client.reply_to(sent["messageId"])
+    message = received["message"]
+    chunks = chunks_for(client, message["id"])
+    assert_gapless(chunks)
+    assert 1 <= len(chunks) < 500 / 5, len(chunks)
+    assert "".join(c["delta"] for c in chunks) == message["content"]
+    assert message["content"].split() == [f"tok{i}" for i in range(500)]
+    assert {c["provider"] for c in chunks} == {"openai"}
+    typing = client.of("assistant-typing")
+    assert typing[0] == {"sessionId": session_id, "typing": True} and typing[-1]["typing"] is False
+
+
+async def test_slow_stream_flushes_by_time(start_server, connect, double) -> None:
+    server = await start_server(stream_flush_ms=20, stream_flush_chars=10_000)
+    double.set_mode("openai", "ok", tokens=20, chunk_delay=0.05)
+    client, session_id, _ = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "go"})
+    received = await client.reply_to(sent["messageId"])
+    chunks = chunks_for(client, received["message"]["id"])
+    assert len(chunks) >= 10  # each token waited longer than the flush interval
+    assert "".join(c["delta"] for c in chunks) == received["message"]["content"]
+
+
+async def test_stop_generation_closes_the_provider_stream_and_keeps_the_partial(server, connect, double) -> None:
+    double.set_mode("openai", "ok", tokens=400, chunk_delay=0.02)
+    client, session_id, token = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "write a lot"})
+    await client.wait_for("message-chunk", count=2)
+    ack = await client.call("stop-generation", {"sessionId": session_id})
+    assert ack == {"ok": True, "stopped": True}
+    received = await client.reply_to(sent["messageId"])
+    message = received["message"]
+    assert message["stopped"] is True and message["provider"] == "openai"
+    assert 0 < len(message["content"].split()) < 400
+    assert "".join(c["delta"] for c in chunks_for(client, message["id"])) == message["content"]
+    assert await double.wait_closed_early("openai", timeout=5)
+    assert double.requests["gemini"] == []
+
+
+async def test_failure_before_first_delta_streams_the_next_provider_only(start_server, connect, double) -> None:
+    server = await start_server(ai_first_token_timeout=0.5)
+    double.set_mode("openai", "hang")
+    client, session_id, _ = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
+    received = await client.reply_to(sent["messageId"])
+    chunks = chunks_for(client, received["message"]["id"])
+    assert {c["provider"] for c in chunks} == {"gemini"} and not any(c["reset"] for c in chunks)
+    assert client.of("message-interrupted") == []
+    assert received["message"]["provider"] == "gemini"
+
+
+async def test_cut_stream_is_interrupted_and_restarted_with_reset(server, connect, double) -> None:
+    double.set_mode("openai", "cut", after=3, reply="one two three four five six seven")
+    client, session_id, token = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
+    received = await client.reply_to(sent["messageId"])
+    message = received["message"]
+    interrupted = client.of("message-interrupted")
+    assert len(interrupted) == 1 and interrupted[0]["provider"] == "openai"
+    assert interrupted[0]["messageId"] == message["id"]
+    chunks = chunks_for(client, message["id"])
+    assert_gapless(chunks)
+    gemini_chunks = [c for c in chunks if c["provider"] == "gemini"]
+    assert gemini_chunks[0]["reset"] is True
+    assert "".join(c["delta"] for c in gemini_chunks) == message["content"] == "Echo: hello"
+    assert message["provider"] == "gemini" and "incomplete" not in message
+
+
+async def test_stalled_and_unterminated_streams_are_never_passed_off_as_answers(start_server, connect, double) -> None:
+    server = await start_server(ai_stream_idle_timeout=0.5)
+    client, session_id, _ = await joined_client(connect, server.url)
+    for mode in ("stall", "no_finish"):
+        double.set_mode("openai", mode, after=2)
+        sent = await client.call("send-message", {"sessionId": session_id, "message": mode})
+        received = await client.reply_to(sent["messageId"])
+        assert received["message"]["provider"] == "gemini", mode
+        assert received["message"]["content"] == f"Echo: {mode}"
+    assert len(client.of("message-interrupted")) == 2
+
+
+async def test_no_provider_left_stores_partial_as_incomplete_and_escalates(start_server, connect, double) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"))
+    double.set_mode("both", "cut", after=2)
+    client, session_id, _ = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
+    partial = await client.reply_to(sent["messageId"])
+    assert partial["message"]["role"] == "assistant" and partial["message"]["incomplete"] is True
+    system = await client.wait_for("message-received", lambda d: d["message"]["role"] == "system")
+    assert system[0]["escalation"]["trigger"] == "error"
+
+
+async def test_rejoin_mid_stream_gets_text_so_far_then_the_rest(server, connect, double) -> None:
+    double.set_mode("openai", "ok", tokens=60, chunk_delay=0.03)
+    first, session_id, token = await joined_client(connect, server.url)
+    sent = await first.call("send-message", {"sessionId": session_id, "message": "tell me"})
+    await first.wait_for("message-chunk", count=3)
+    await first.disconnect()
+    await asyncio.sleep(0.2)
+
+    second = await connect(server.url)
+    ack = await second.call("join-chat", {"sessionId": session_id, "token": token, "afterMessageId": sent["messageId"]})
+    assert ack["ok"]
+    joined = (await second.wait_for("chat-joined"))[0]
+    assert joined["history"] == []
+    progress = joined["inProgress"]
+    assert progress["text"] and progress["index"] >= 2
+    received = await second.reply_to(timeout=10)
+    later = [c for c in second.of("message-chunk") if c["messageId"] == progress["messageId"] and c["index"] > progress["index"]]
+    assert [c["index"] for c in later] == list(range(progress["index"] + 1, progress["index"] + 1 + len(later)))
+    assert progress["text"] + "".join(c["delta"] for c in later) == received["message"]["content"]
+    assert received["message"]["content"].split() == [f"tok{i}" for i in range(60)]
+
+
+async def test_reply_finishes_and_is_stored_when_the_client_leaves(server, connect, double) -> None:
+    double.set_mode("openai", "ok", tokens=30, chunk_delay=0.02)
+    client, session_id, token = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "bye"})
+    await client.disconnect()
+    await asyncio.sleep(1.5)
+    again = await connect(server.url)
+    await again.call("join-chat", {"sessionId": session_id, "token": token, "afterMessageId": sent["messageId"]})
+    joined = (await again.wait_for("chat-joined"))[0]
+    assert [m["role"] for m in joined["history"]] == ["assistant"]
+    assert joined["history"][0]["content"].split() == [f"tok{i}" for i in range(30)]
+    assert "inProgress" not in joined
+
+
+async def test_sse_endpoint_streams_chunks_then_done(server, double) -> None:
+    double.set_mode("openai", "ok", tokens=50)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/api/v1/chat/session", json={"userId": "sse"}) as response:
+            session = await response.json()
+        headers = {"Authorization": f"Bearer {session['token']}"}
+        url = f"{server.url}/api/v1/chat/message/stream"
+        async with http.post(url, json={"sessionId": session["sessionId"], "message": "sse!"}, headers=headers) as response:
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+            events = parse_sse(await response.text())
+        async with http.post(url, json={"sessionId": session["sessionId"], "message": "x"}) as response:
+            assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+        async with http.post(url, json={"sessionId": session["sessionId"]}, headers=headers) as response:
+            assert response.status == 400
+    chunks = [data for name, data in events if name == "chunk"]
+    done = [data for name, data in events if name == "done"]
+    assert chunks and len(done) == 1 and events[-1][0] == "done"
+    assert "".join(c["delta"] for c in chunks) == done[0]["reply"]["content"]
+    assert done[0]["reply"]["provider"] == "openai"
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        name, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        if data:
+            events.append((name, json.loads("\n".join(data))))
+    return events
