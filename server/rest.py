@@ -72,7 +72,7 @@ async def send_message(request: web.Request) -> web.Response:
 async def send_message_stream(request: web.Request) -> web.StreamResponse:
     """The streaming twin of send_message: Server-Sent Events `chunk`, `done`, `error`."""
     data = await _authorized_message(request)
-    async with sse_response(request) as sse:
+    async with sse_response(request, allow_all_methods=True) as sse:
 
         async def forward(kind: str, payload: dict[str, Any]) -> None:
             if kind == "chunk":

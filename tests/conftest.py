@@ -178,16 +178,16 @@ async def server(start_server: ServerFactory) -> RunningServer:
 class Recorder:
     """A python-socketio AsyncClient that keeps every event it receives, for assertions."""
 
-    def __init__(self, namespaces: list[str] | None = None) -> None:
+    def __init__(self, namespace: str = "/") -> None:
         self.client = socketio.AsyncClient(reconnection=False)
         self.events: list[tuple[str, Any]] = []
         self._changed = asyncio.Event()
-        self.namespaces = namespaces
 
-        @self.client.on("*")
         async def catch_all(event: str, *args: Any) -> None:
             self.events.append((event, args[0] if len(args) == 1 else list(args)))
             self._changed.set()
+
+        self.client.on("*", catch_all, namespace=namespace)
 
     async def connect(self, url: str, **kwargs: Any) -> Recorder:
         await self.client.connect(url, transports=["websocket"], wait_timeout=5, **kwargs)

@@ -15,7 +15,7 @@ AGENT_KEYS = ((("alex", Secret("alex-key-123")), ("sam", Secret("sam-key-456")))
 
 
 async def agent_client(url: str, key: str) -> Recorder:
-    recorder = Recorder()
+    recorder = Recorder("/agents")
     await recorder.client.connect(url, namespaces=["/agents"], auth={"key": key}, transports=["websocket"], wait_timeout=5)
     return recorder
 
