@@ -29,7 +29,7 @@ def main() -> None:
         access_log=None,
         print=None,
         loop=new_event_loop(),
-        shutdown_timeout=15,
+        shutdown_timeout=settings.shutdown_grace + 5,
     )
 
 

@@ -198,7 +198,18 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app)
     setup_pages(app)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_graceful_shutdown)
     return app
+
+
+async def _graceful_shutdown(app: web.Application) -> None:
+    """No longer listening: let replies in progress finish and be stored, then close sockets so clients reconnect."""
+    await app[CHAT_SERVICE].drain(timeout=app[SETTINGS].shutdown_grace)
+    sio = app[SIO]
+    if sio.eio.sockets:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sio.eio.disconnect(), 5)
+    await sio.shutdown()
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -219,7 +230,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[HANDOFF].stop_sweeper()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(sweeper, 5)
-    await app[CHAT_SERVICE].drain(timeout=10)
     await app[HANDOFF].aclose()
     for provider in app[CHAIN].providers:
         await provider.aclose()

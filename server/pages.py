@@ -28,11 +28,11 @@ def _page_headers(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-async def index(request: web.Request) -> web.StreamResponse:
-    """The chat page; the Socket.IO client is served locally when npm installed it, else from the CDN."""
+def _render(template: str, request: web.Request) -> web.StreamResponse:
+    """A page with the Socket.IO client served locally when npm installed it, else from the CDN."""
     settings = request.app[SETTINGS]
     response = aiohttp_jinja2.render_template(
-        "index.html",
+        template,
         request,
         {
             "socketio_src": "/vendor/socket.io.min.js" if SOCKETIO_CLIENT.exists() else "",
@@ -42,6 +42,16 @@ async def index(request: web.Request) -> web.StreamResponse:
         },
     )
     return _page_headers(response)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """The customer chat page."""
+    return _render("index.html", request)
+
+
+async def agent_console(request: web.Request) -> web.StreamResponse:
+    """The agents' console."""
+    return _render("agent.html", request)
 
 
 async def socketio_client(request: web.Request) -> web.StreamResponse:
@@ -55,5 +65,14 @@ def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR) -> None:
     """Templates from public/, static files under /static/."""
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(public_dir)), autoescape=True)
     app.router.add_get("/", index)
+    app.router.add_get("/agent", agent_console)
+    app.router.add_get("/agent.html", agent_console)
     app.router.add_get("/vendor/socket.io.min.js", socketio_client)
     app.router.add_static("/static/", public_dir, show_index=False)
+    app.on_response_prepare.append(_static_headers)
+
+
+async def _static_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Static files get the same no-sniff header as pages."""
+    if request.path.startswith("/static/"):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")

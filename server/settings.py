@@ -101,6 +101,7 @@ class Settings:
     )
     agent_wait_timeout: float = 120.0
     agent_idle_timeout: float = 300.0
+    shutdown_grace: float = 20.0
 
     @property
     def session_ttl_seconds(self) -> int:
@@ -169,6 +170,7 @@ class Settings:
             handoff_message=env.str("HANDOFF_MESSAGE", defaults.handoff_message),
             agent_wait_timeout=env.float("AGENT_WAIT_TIMEOUT", defaults.agent_wait_timeout),
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
+            shutdown_grace=env.float("SHUTDOWN_GRACE", defaults.shutdown_grace),
         )
 
 

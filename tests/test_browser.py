@@ -1,0 +1,132 @@
+"""The pages in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from server.settings import Secret
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is needed (make test installs it)"),
+]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        instance = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        await instance.close()
+
+
+@pytest.fixture
+async def browser(chromium: Browser, start_server) -> AsyncIterator[Browser]:
+    """Pages are closed before the servers they talk to (this fixture is set up after start_server)."""
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()
+
+
+async def open_chat(browser: Browser, url: str) -> Page:
+    page = await (await browser.new_context()).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(url + "/")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000)
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+async def say(page: Page, text: str) -> None:
+    await page.fill("#composer", text)
+    await page.press("#composer", "Enter")
+
+
+async def test_page_sends_a_message_and_shows_the_reply_as_text(browser, server, double) -> None:
+    page = await open_chat(browser, server.url)
+    response = await page.request.get(server.url + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    await say(page, "<img src=x onerror=alert(1)> where is my order?")
+    reply = page.locator('.msg[data-role="assistant"] .msg-text').last
+    await expect(reply).to_have_text("Echo: <img src=x onerror=alert(1)> where is my order?", timeout=15000)
+    await expect(page.locator('.msg[data-role="assistant"] .badge-provider').last).to_have_text("openai")
+    assert await page.locator("img").count() == 0
+    await expect(page.locator('.msg[data-role="user"]')).to_have_count(1)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_page_streams_and_stops_a_reply(browser, server, double) -> None:
+    double.set_mode("openai", "ok", tokens=300, chunk_delay=0.03)
+    page = await open_chat(browser, server.url)
+    await say(page, "write a long answer")
+    bubble = page.locator('.msg[data-role="assistant"] .msg-text').last
+    await expect(bubble).to_contain_text("tok3", timeout=15000)
+    await expect(page.locator("#stop")).to_be_visible()
+    await expect(page.locator("#typing")).to_be_visible()
+    await page.click("#stop")
+    await expect(page.locator('.msg[data-role="assistant"] .note').last).to_have_text("stopped", timeout=10000)
+    await expect(page.locator("#stop")).to_be_hidden()
+    text = await bubble.text_content()
+    assert text and "tok299" not in text
+    assert await double.wait_closed_early("openai", timeout=5)
+
+
+async def test_page_resumes_after_a_network_drop_without_duplicates(browser, server, double) -> None:
+    double.set_mode("openai", "ok", tokens=80, chunk_delay=0.03)
+    page = await open_chat(browser, server.url)
+    await say(page, "first question")
+    await expect(page.locator('.msg[data-role="assistant"] .msg-text').last).to_contain_text("tok5", timeout=15000)
+    await page.evaluate("window.supportChat.socket.io.engine.close()")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000)
+    expected = " ".join(f"tok{i}" for i in range(80))
+    await expect(page.locator('.msg[data-role="assistant"] .msg-text').last).to_have_text(expected, timeout=15000)
+    await expect(page.locator('.msg[data-role="assistant"]')).to_have_count(1)
+    await expect(page.locator('.msg[data-role="user"]')).to_have_count(1)
+    # and after a reload the conversation is resumed from localStorage
+    await page.reload()
+    await expect(page.locator('.msg[data-role="assistant"] .msg-text')).to_have_text([expected], timeout=15000)
+
+
+async def test_agent_console_and_customer_page_together(browser, start_server, double) -> None:
+    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123")),))
+    agent = await (await browser.new_context()).new_page()
+    await agent.goto(server.url + "/agent")
+    await agent.fill("#agent-key", "alex-key-123")
+    await agent.click("#sign-in")
+    await expect(agent.locator("#agent-status")).to_have_attribute("data-state", "connected", timeout=15000)
+
+    customer = await open_chat(browser, server.url)
+    await say(customer, "hello, I need help with a return")
+    await expect(customer.locator('.msg[data-role="assistant"]')).to_have_count(1, timeout=15000)
+    await customer.click("#talk-to-human")
+    await expect(customer.locator("#escalation-banner")).to_be_visible()
+
+    entry = agent.locator("#queue .queue-entry").first
+    await expect(entry).to_contain_text("user_request", timeout=15000)
+    await entry.locator("button.claim").click()
+    await expect(agent.locator("#transcript")).to_contain_text("hello, I need help with a return", timeout=10000)
+    await agent.fill("#agent-reply", "Hi, I'm Alex <b>bold?</b> — happy to help.")
+    await agent.click("#agent-send")
+    reply = customer.locator('.msg[data-role="agent"] .msg-text')
+    await expect(reply).to_have_text("Hi, I'm Alex <b>bold?</b> — happy to help.", timeout=10000)
+    await say(customer, "thanks Alex")
+    await expect(agent.locator("#transcript")).to_contain_text("thanks Alex", timeout=10000)
+    await agent.click("#release")
+    await expect(customer.locator('.msg[data-role="system"]').last).to_contain_text("assistant is back", timeout=10000)
