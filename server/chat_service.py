@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
+from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from server.errors import ApiError
@@ -158,8 +159,12 @@ class ChatService:
                 job = queue.popleft()
                 try:
                     if self.cross_process_order:
-                        async with self.sessions.session_lock(session_id):
-                            await self._process(session_id, job)
+                        async with self.sessions.session_lock(session_id) as lock:
+                            keeper = asyncio.create_task(_keep_lock(lock))
+                            try:
+                                await self._process(session_id, job)
+                            finally:
+                                keeper.cancel()
                     else:
                         await self._process(session_id, job)
                 except LockError:
@@ -354,6 +359,16 @@ def _turns(context: list[dict[str, Any]]) -> list[ChatTurn]:
         elif role in ("assistant", "agent") and message.get("content"):
             turns.append(ChatTurn("assistant", message["content"]))
     return turns
+
+
+async def _keep_lock(lock: Lock, every: float = 3.0) -> None:
+    """Renew the session lock while its message is handled (its TTL only matters if we crash)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await lock.reacquire()
+        except Exception as err:
+            logger.warning("could not renew a session lock: {}", type(err).__name__)
 
 
 def _pending_text(stream: ReplyStream) -> str:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_KEYWORDS = re.compile(r"^Keywords:(.*)$", re.MULTILINE | re.IGNORECASE)
 _STOP_WORDS = frozenset(
     "a an and are as at be by can could do does for from have how i if in is it its me my of on or our "
     "so that the their them there this to was we what when where which who why will with would you your "
-    "please hi hello hey thanks thank".split()
+    "please hi hello hey thanks thank many much until get got any some just also about still yet very".split()
 )
 
 
@@ -23,6 +24,7 @@ class KnowledgeEntry:
     topic: str
     question: str
     answer: str
+    keywords: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +52,9 @@ class KnowledgeBase:
         )
         self._db.executemany(
             "INSERT INTO kb(rowid, question, answer, keywords) VALUES (?, ?, ?, ?)",
-            [(i, e.question, e.answer, e.topic) for i, e in enumerate(entries)],
+            [(i, e.question, e.answer, f"{e.topic} {e.keywords}") for i, e in enumerate(entries)],
         )
-        self._stems = [set(self._stemmed(f"{e.question} {e.answer} {e.topic}")) for e in entries]
+        self._stems = [set(self._stemmed(f"{e.question} {e.answer} {e.topic} {e.keywords}")) for e in entries]
 
     @classmethod
     def from_directory(cls, path: Path, *, store_name: str = "Northwind Goods") -> KnowledgeBase:
@@ -64,8 +66,12 @@ class KnowledgeBase:
             topic = topic_match.group(1).strip() if topic_match else file.stem
             for index, block in enumerate(re.split(r"^## ", text, flags=re.MULTILINE)[1:]):
                 question, _, answer = block.partition("\n")
-                if question.strip() and answer.strip():
-                    entries.append(KnowledgeEntry(f"{file.stem}-{index}", topic, question.strip(), answer.strip()))
+                keywords = " ".join(k.strip() for k in _KEYWORDS.findall(answer))
+                answer = _KEYWORDS.sub("", answer).strip()
+                if question.strip() and answer:
+                    entries.append(
+                        KnowledgeEntry(f"{file.stem}-{index}", topic, question.strip(), answer, keywords.replace(",", " "))
+                    )
         return cls(entries)
 
     def __len__(self) -> int:

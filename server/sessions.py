@@ -353,8 +353,11 @@ class SessionManager:
                 return message
         return None
 
-    def session_lock(self, session_id: str, timeout: float = 300, wait: float = 120) -> Lock:
-        """A Redis lock so one session's messages are handled one at a time across processes."""
+    def session_lock(self, session_id: str, timeout: float = 10, wait: float = 120) -> Lock:
+        """A Redis lock so one session's messages are handled one at a time across processes.
+
+        Short-lived and renewed by its holder, so a crashed process frees the session within seconds.
+        """
         return self.redis.lock(f"{PREFIX}:lock:{{{session_id}}}", timeout=timeout, blocking_timeout=wait)
 
     # Replies being written ---------------------------------------------------------------

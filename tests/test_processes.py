@@ -1,0 +1,185 @@
+"""Whole server processes started as the README says: embedded Redis persistence, and several processes on one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from server.settings import PROJECT_ROOT
+from tests.conftest import Recorder, free_port
+from tests.test_handoff import agent_call, agent_client
+
+pytestmark = pytest.mark.slow
+
+
+class ServerProcess:
+    """`python run.py` with its own environment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "WARNING"}
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> ServerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, str(PROJECT_ROOT / "run.py"), env=self.env, cwd=str(PROJECT_ROOT),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(f"{self.url}/health") as response:
+                        if response.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("server process did not start")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.process.wait(), 30)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        await process.stop()
+
+
+async def launch(started: list[ServerProcess], env: dict[str, str]) -> ServerProcess:
+    process = ServerProcess(env)
+    started.append(process)
+    return await process.start()
+
+
+async def rest(method: str, url: str, body=None, token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path: Path) -> None:
+    env = {"DATA_DIR": str(tmp_path / "data"), "AI_PROVIDERS": "local", "REDIS_URL": "", "REDIS_HOST": ""}
+    first = await launch(processes, env)
+    _, health = await rest("GET", f"{first.url}/api/v1/health")
+    assert health["redis"] == {"status": "ok", "mode": "embedded"}
+    _, session = await rest("POST", f"{first.url}/api/v1/chat/session", {"userId": "persist"})
+    status, answer = await rest(
+        "POST", f"{first.url}/api/v1/chat/message",
+        {"sessionId": session["sessionId"], "message": "What is your return policy?"}, session["token"],
+    )
+    assert status == 200 and answer["reply"]["provider"] == "local" and "30 days" in answer["reply"]["content"]
+    await first.stop()
+
+    second = await launch(processes, env)
+    status, history = await rest("GET", f"{second.url}/api/v1/chat/history/{session['sessionId']}", token=session["token"])
+    assert status == 200
+    assert [m["content"] for m in history["messages"]] == ["What is your return policy?", answer["reply"]["content"]]
+
+
+@pytest.fixture
+def cluster_env(redis_url: str, double) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": double.openai_base_url,
+        "GEMINI_API_KEY": "g-test",
+        "GEMINI_BASE_URL": double.gemini_base_url,
+        "AGENT_API_KEYS": "alex:alex-key-123",
+        "AI_REQUEST_TIMEOUT": "5",
+    }
+
+
+async def test_customer_on_one_process_agent_on_another(processes, cluster_env, connect) -> None:
+    a = await launch(processes, cluster_env)
+    b = await launch(processes, cluster_env)
+    _, health_a = await rest("GET", f"{a.url}/api/v1/health")
+    _, health_b = await rest("GET", f"{b.url}/api/v1/health")
+    assert health_a["instanceId"] != health_b["instanceId"]
+
+    agent = await agent_client(b.url, "alex-key-123")
+    try:
+        customer: Recorder = await connect(a.url)
+        joined = await customer.call("join-chat", {"userId": "across"})
+        session_id = joined["sessionId"]
+        await customer.call("escalate", {"sessionId": session_id, "reason": "please"})
+        await agent.wait_for("queue-updated", lambda d: any(e["sessionId"] == session_id for e in d["queue"]))
+        assert (await agent_call(agent, "claim", {"sessionId": session_id}))["ok"]
+        await customer.wait_for("agent-joined")
+        await agent_call(agent, "agent-message", {"sessionId": session_id, "message": "Hello from process B"})
+        got = await customer.wait_for("message-received", lambda d: d["message"]["role"] == "agent")
+        assert got[0]["message"]["content"] == "Hello from process B"
+        await customer.call("send-message", {"sessionId": session_id, "message": "Hello from process A"})
+        seen = await agent.wait_for("message-received", lambda d: d["message"]["content"] == "Hello from process A")
+        assert seen[0]["message"]["role"] == "user"
+    finally:
+        await agent.disconnect()
+
+
+async def test_two_sockets_of_one_session_on_two_processes_see_each_reply_once(processes, cluster_env, connect) -> None:
+    a = await launch(processes, cluster_env)
+    b = await launch(processes, cluster_env)
+    on_a: Recorder = await connect(a.url)
+    joined = await on_a.call("join-chat", {"userId": "two-tabs"})
+    on_b: Recorder = await connect(b.url)
+    assert (await on_b.call("join-chat", {"sessionId": joined["sessionId"], "token": joined["token"]}))["ok"]
+    ids = []
+    for i, client in enumerate((on_a, on_b, on_a)):
+        sent = await client.call("send-message", {"sessionId": joined["sessionId"], "message": f"tab message {i}"})
+        ids.append(sent["messageId"])
+        for other in (on_a, on_b):
+            await other.reply_to(sent["messageId"])
+    await asyncio.sleep(0.5)
+    for client in (on_a, on_b):
+        replies = [d["message"]["replyTo"] for d in client.of("message-received") if d["message"]["role"] == "assistant"]
+        assert replies == ids
+
+
+async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processes, cluster_env, connect, double) -> None:
+    a = await launch(processes, cluster_env)
+    b = await launch(processes, cluster_env)
+    customer: Recorder = await connect(a.url)
+    joined = await customer.call("join-chat", {"userId": "survivor"})
+    session_id, token = joined["sessionId"], joined["token"]
+    last = None
+    for i in range(3):
+        sent = await customer.call("send-message", {"sessionId": session_id, "message": f"before crash {i}"})
+        last = (await customer.reply_to(sent["messageId"]))["message"]["id"]
+    double.set_mode("openai", "ok", tokens=40, chunk_delay=0.02)
+    await customer.call("send-message", {"sessionId": session_id, "message": "in flight"})
+    await customer.wait_for("message-chunk")
+    await a.stop(signal.SIGKILL)
+    await customer.disconnect()
+
+    rejoined: Recorder = await connect(b.url)
+    ack = await rejoined.call("join-chat", {"sessionId": session_id, "token": token, "afterMessageId": last})
+    assert ack["ok"]
+    history = (await rejoined.wait_for("chat-joined"))[0]["history"]
+    assert [m["content"] for m in history][:1] == ["in flight"]
+    status, page = await rest("GET", f"{b.url}/api/v1/chat/history/{session_id}", token=token)
+    contents = [m["content"] for m in page["messages"]]
+    for i in range(3):
+        assert f"before crash {i}" in contents and f"Echo: before crash {i}" in contents
+    double.set_mode("openai", "ok")
+    # the crashed process's session lock expires within seconds, then order resumes on B
+    sent = await rejoined.call("send-message", {"sessionId": session_id, "message": "after crash"}, timeout=30)
+    assert (await rejoined.reply_to(sent["messageId"]))["message"]["content"] == "Echo: after crash"
