@@ -293,7 +293,7 @@ class SessionManager:
     ) -> AppendResult:
         """Store a message in order; a repeated clientMessageId returns the first message instead."""
         now = time.time()
-        keys = self._keys(session_id)[:4] + [self._ACTIVE_KEY]
+        keys = [*self._keys(session_id)[:4], self._ACTIVE_KEY]
         status, stored, context, state = await self._append(
             keys=keys,
             args=[

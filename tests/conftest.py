@@ -160,14 +160,7 @@ async def start_server(settings: Settings) -> AsyncIterator[ServerFactory]:
 
     yield start
     for item in reversed(running):
-        try:
-            await asyncio.wait_for(item.close(), 10)
-        except TimeoutError:
-            import sys
-            for task in asyncio.all_tasks():
-                print(task, file=sys.stderr)
-                task.print_stack(file=sys.stderr)
-            raise
+        await asyncio.wait_for(item.close(), 30)
 
 
 @pytest.fixture

@@ -125,7 +125,9 @@ async def test_agents_namespace_refuses_bad_keys_and_customers_cannot_use_agent_
     # a customer's session token is not an agent key
     client = socketio.AsyncClient(reconnection=False)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(handoff_server.url, namespaces=["/agents"], auth={"key": token}, transports=["websocket"], wait_timeout=3)
+        await client.connect(
+            handoff_server.url, namespaces=["/agents"], auth={"key": token}, transports=["websocket"], wait_timeout=3
+        )
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{handoff_server.url}/api/v1/tickets", headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 401

@@ -175,7 +175,7 @@ async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processe
     assert ack["ok"]
     history = (await rejoined.wait_for("chat-joined"))[0]["history"]
     assert [m["content"] for m in history][:1] == ["in flight"]
-    status, page = await rest("GET", f"{b.url}/api/v1/chat/history/{session_id}", token=token)
+    _status, page = await rest("GET", f"{b.url}/api/v1/chat/history/{session_id}", token=token)
     contents = [m["content"] for m in page["messages"]]
     for i in range(3):
         assert f"before crash {i}" in contents and f"Echo: before crash {i}" in contents

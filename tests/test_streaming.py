@@ -20,7 +20,7 @@ def assert_gapless(chunks: list[dict]) -> None:
 
 async def test_fast_stream_is_coalesced_and_adds_up_to_the_stored_reply(server, connect, double) -> None:
     double.set_mode("openai", "ok", tokens=500)
-    client, session_id, token = await joined_client(connect, server.url)
+    client, session_id, _token = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "long answer please"})
     received = await client.reply_to(sent["messageId"])
     message = received["message"]
@@ -47,7 +47,7 @@ async def test_slow_stream_flushes_by_time(start_server, connect, double) -> Non
 
 async def test_stop_generation_closes_the_provider_stream_and_keeps_the_partial(server, connect, double) -> None:
     double.set_mode("openai", "ok", tokens=400, chunk_delay=0.02)
-    client, session_id, token = await joined_client(connect, server.url)
+    client, session_id, _token = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "write a lot"})
     await client.wait_for("message-chunk", count=2)
     ack = await client.call("stop-generation", {"sessionId": session_id})
@@ -75,7 +75,7 @@ async def test_failure_before_first_delta_streams_the_next_provider_only(start_s
 
 async def test_cut_stream_is_interrupted_and_restarted_with_reset(server, connect, double) -> None:
     double.set_mode("openai", "cut", after=3, reply="one two three four five six seven")
-    client, session_id, token = await joined_client(connect, server.url)
+    client, session_id, _token = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
     received = await client.reply_to(sent["messageId"])
     message = received["message"]
