@@ -183,3 +183,21 @@ async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processe
     # the crashed process's session lock expires within seconds, then order resumes on B
     sent = await rejoined.call("send-message", {"sessionId": session_id, "message": "after crash"}, timeout=30)
     assert (await rejoined.reply_to(sent["messageId"]))["message"]["content"] == "Echo: after crash"
+
+
+async def test_pubsub_probe_reports_and_recovers_after_the_listener_is_cut(processes, cluster_env, connect, redis_sync) -> None:
+    a = await launch(processes, cluster_env)
+    b = await launch(processes, cluster_env)
+    for server in (a, b):
+        _, health = await rest("GET", f"{server.url}/api/v1/health")
+        assert health["pubsub"] == "ok" and health["status"] == "ok"
+    redis_sync.client_kill_filter(_type="pubsub")  # every process's pub/sub connection is dropped
+    await asyncio.sleep(4)
+    on_a: Recorder = await connect(a.url)
+    joined = await on_a.call("join-chat", {"userId": "after-cut"})
+    on_b: Recorder = await connect(b.url)
+    assert (await on_b.call("join-chat", {"sessionId": joined["sessionId"], "token": joined["token"]}))["ok"]
+    sent = await on_a.call("send-message", {"sessionId": joined["sessionId"], "message": "still connected?"})
+    assert (await on_b.reply_to(sent["messageId"]))["message"]["content"] == "Echo: still connected?"
+    _, health = await rest("GET", f"{b.url}/api/v1/health")
+    assert health["pubsub"] == "ok"
