@@ -258,7 +258,8 @@ class ProviderDouble:
             candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
             if finish:
                 candidate["finishReason"] = "STOP"
-                candidate["avgLogprobs"] = logprob
+                if mode.name != "no_logprobs":
+                    candidate["avgLogprobs"] = logprob
             out: dict[str, Any] = {"candidates": [candidate], "modelVersion": model}
             if finish:
                 out["usageMetadata"] = usage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -155,3 +156,24 @@ async def test_user_request_escalation(server, connect) -> None:
     assert ack == {"ok": True}
     escalation = (await client.wait_for("escalation-needed"))[0]
     assert escalation["trigger"] == "user_request" and escalation["reason"] == "I'd like a person"
+
+
+async def test_no_confidence_signal_is_null_and_never_low(server, connect, double) -> None:
+    double.set_mode("openai", "status", status=500)
+    double.set_mode("gemini", "no_logprobs")
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "hello?")
+    assert received["message"]["provider"] == "gemini"
+    assert received["message"]["confidence"] is None and received["escalation"] is None
+
+
+async def test_knowledge_entries_go_into_the_system_prompt(server, connect, double) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    await ask(client, session_id, "How long does standard shipping take?")
+    system = double.requests["openai"][-1]["body"]["messages"][0]["content"]
+    assert "<knowledge_base>" in system and "3-5 business days" in system and "Northwind Goods" in system
+    double.set_mode("openai", "status", status=500)
+    await ask(client, session_id, "Which payment methods do you accept?")
+    gemini_body = double.requests["gemini"][-1]["body"]
+    instruction = json.dumps(gemini_body.get("systemInstruction") or gemini_body.get("system_instruction"))
+    assert "<knowledge_base>" in instruction and "Visa" in instruction
