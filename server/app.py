@@ -114,11 +114,15 @@ def create_app(settings: Settings) -> web.Application:
 
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
     redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
-    redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
+    # A blocking pool: under a burst, callers wait for a connection instead of failing with MaxConnectionsError.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=64, timeout=10, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+    )
+    redis = aioredis.Redis(connection_pool=pool)
     app[EMBEDDED_REDIS] = embedded
     app[REDIS] = redis
 
-    manager = GuardedRedisManager(settings.redis_url) if settings.redis_url else None
+    manager = GuardedRedisManager(settings.redis_url) if settings.scaled_out and settings.redis_url else None
     sio = ChatSocketServer(
         client_manager=manager,
         async_mode="aiohttp",
@@ -170,7 +174,7 @@ def create_app(settings: Settings) -> web.Application:
         max_history=settings.max_conversation_history,
         flush_ms=settings.stream_flush_ms,
         flush_chars=settings.stream_flush_chars,
-        cross_process_order=settings.redis_url is not None,
+        cross_process_order=settings.scaled_out,
     )
     customers = CustomerEvents(sio, schemas, sessions, chat, handoff, lambda: chain.usable_names)
     customers.register()

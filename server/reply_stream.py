@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from loguru import logger
+
 from server.sessions import SessionManager
 
 
@@ -70,7 +72,10 @@ class ReplyStream:
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._flush_seconds)
         self._timer = None
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as err:  # a failed emit must not become an orphan task error
+            logger.warning("session {}: chunk flush failed: {}", self.session_id, type(err).__name__)
 
     async def flush(self) -> None:
         """Send what waits as one chunk; Redis first, so a rejoin never misses text it was not sent."""
@@ -92,9 +97,12 @@ class ReplyStream:
                 "provider": self.provider,
                 "reset": reset,
             }
-            await self._sessions.save_in_flight(
-                self.session_id, self.message_id, self.text, self._index, self.provider or ""
-            )
+            try:
+                await self._sessions.save_in_flight(
+                    self.session_id, self.message_id, self.text, self._index, self.provider or ""
+                )
+            except Exception as err:  # the snapshot only serves rejoins; the live chunk still goes out
+                logger.warning("session {}: could not save streamed text: {}", self.session_id, type(err).__name__)
             await self._broadcaster.emit("message-chunk", payload, self.session_id)
             await self.notify("chunk", payload)
 

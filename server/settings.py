@@ -102,11 +102,19 @@ class Settings:
     agent_wait_timeout: float = 120.0
     agent_idle_timeout: float = 300.0
     shutdown_grace: float = 20.0
+    socketio_manager: str = "auto"
 
     @property
     def session_ttl_seconds(self) -> int:
         """Redis TTLs are whole seconds; the contract's setting is milliseconds."""
         return max(1, -(-self.session_timeout_ms // 1000))
+
+    @property
+    def scaled_out(self) -> bool:
+        """Whether Socket.IO rooms and session order must hold across processes (external Redis, unless told not)."""
+        if self.socketio_manager == "memory":
+            return False
+        return self.redis_url is not None
 
     @property
     def redis_mode(self) -> str:
@@ -171,6 +179,7 @@ class Settings:
             agent_wait_timeout=env.float("AGENT_WAIT_TIMEOUT", defaults.agent_wait_timeout),
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
             shutdown_grace=env.float("SHUTDOWN_GRACE", defaults.shutdown_grace),
+            socketio_manager=env.str("SOCKETIO_MANAGER", defaults.socketio_manager).lower(),
         )
 
 
