@@ -30,6 +30,7 @@ from server.keys import (
     EMBEDDED_REDIS,
     HANDOFF,
     HEALTH,
+    RATE_LIMITS,
     REDIS,
     SCHEMAS,
     SESSIONS,
@@ -51,6 +52,7 @@ from server.providers.base import AIProvider
 from server.providers.gemini_provider import GeminiProvider
 from server.providers.local import LocalProvider
 from server.providers.openai_provider import OpenAIProvider
+from server.rate_limits import RateLimits
 from server.redis_backend import EmbeddedRedis
 from server.rest import add_routes
 from server.schemas import build_schemas
@@ -175,8 +177,19 @@ def create_app(settings: Settings) -> web.Application:
         flush_ms=settings.stream_flush_ms,
         flush_chars=settings.stream_flush_chars,
         cross_process_order=settings.scaled_out,
+        log_content=settings.log_message_content,
     )
-    customers = CustomerEvents(sio, schemas, sessions, chat, handoff, lambda: chain.usable_names)
+    limits = RateLimits(
+        sessions,
+        sessions_per_minute=settings.rate_limit_sessions_per_minute,
+        messages_per_minute=settings.rate_limit_messages_per_minute,
+        connections_per_minute=settings.rate_limit_connections_per_minute,
+        trusted_proxies=settings.trusted_proxies,
+    )
+    app[RATE_LIMITS] = limits
+    customers = CustomerEvents(
+        sio, schemas, sessions, chat, handoff, limits, lambda: chain.usable_names, settings.token_rotate_after
+    )
     customers.register()
     directory = AgentDirectory(settings.agent_api_keys)
     agents = AgentEvents(sio, schemas, directory, handoff)

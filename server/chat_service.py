@@ -81,6 +81,7 @@ class ChatService:
         flush_chars: int,
         handoff: HandoffService | None = None,
         cross_process_order: bool = False,
+        log_content: bool = True,
     ) -> None:
         self.sessions = sessions
         self.chain = chain
@@ -92,6 +93,7 @@ class ChatService:
         self.flush_chars = flush_chars
         self.handoff = handoff
         self.cross_process_order = cross_process_order
+        self.log_content = log_content
         self._queues: dict[str, deque[_Job]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._generating: dict[str, _Generation] = {}
@@ -219,13 +221,16 @@ class ChatService:
         request = ProviderRequest(
             system_prompt=self.prompts.system_prompt(text), history=_turns(context), message=text
         )
-        logger.debug(
-            "session {}: provider request: {} history turns, system prompt {} chars: {!r}",
-            session_id,
-            len(request.history),
-            len(request.system_prompt),
-            request.system_prompt,
-        )
+        if self.log_content:
+            logger.debug(
+                "session {}: provider request: system={!r} history={!r} message={!r}",
+                session_id,
+                request.system_prompt,
+                [(t.role, t.content) for t in request.history],
+                request.message,
+            )
+        else:
+            logger.debug("session {}: provider request: {} history turns", session_id, len(request.history))
         stream = ReplyStream(
             session_id=session_id,
             message_id=new_id(),

@@ -7,9 +7,10 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import sse_response
+from loguru import logger
 
 from server.errors import ApiError, unauthorized
-from server.keys import AGENT_DIRECTORY, CHAT_SERVICE, HANDOFF, HEALTH, SCHEMAS, SESSIONS
+from server.keys import AGENT_DIRECTORY, CHAT_SERVICE, HANDOFF, HEALTH, RATE_LIMITS, SCHEMAS, SESSIONS
 from server.schemas import load
 
 
@@ -33,6 +34,8 @@ async def json_body(request: web.Request) -> Any:
 
 async def create_session(request: web.Request) -> web.Response:
     data = load(request.app[SCHEMAS].create_session, await json_body(request))
+    limits = request.app[RATE_LIMITS]
+    await limits.check_session_creation(limits.client_ip(request.remote, request.headers.get("X-Forwarded-For")))
     session, token = await request.app[SESSIONS].create(data["userId"], data["metadata"])
     return web.json_response(
         {
@@ -52,6 +55,7 @@ async def _authorized_message(request: web.Request) -> dict[str, Any]:
     if token is None:
         raise unauthorized()
     await request.app[SESSIONS].authenticate(data["sessionId"], token)
+    await request.app[RATE_LIMITS].check_message(data["sessionId"])
     return data
 
 
@@ -115,6 +119,23 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(report, status=503 if report["status"] == "down" else 200)
 
 
+async def delete_session(request: web.Request) -> web.Response:
+    """The person's right to be forgotten; logged as an audit event without content."""
+    session_id = request.match_info["session_id"]
+    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    await request.app[SESSIONS].delete(session_id)
+    logger.info("audit: session {} deleted by its owner", session_id)
+    return web.json_response({"sessionId": session_id, "deleted": True})
+
+
+async def export_session(request: web.Request) -> web.Response:
+    """Everything kept about a session, as JSON; logged as an audit event without content."""
+    session_id = request.match_info["session_id"]
+    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    logger.info("audit: session {} exported by its owner", session_id)
+    return web.json_response(await request.app[SESSIONS].export(session_id))
+
+
 def require_agent(request: web.Request) -> str:
     """The agent's name for the Bearer agent key; customers' session tokens never pass."""
     name = request.app[AGENT_DIRECTORY].name_for(bearer_token(request))
@@ -154,6 +175,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/chat/message", send_message)
     app.router.add_post("/api/v1/chat/message/stream", send_message_stream)
     app.router.add_get("/api/v1/chat/history/{session_id}", history)
+    app.router.add_delete("/api/v1/chat/session/{session_id}", delete_session)
+    app.router.add_get("/api/v1/chat/session/{session_id}/export", export_session)
     app.router.add_get("/api/v1/tickets", list_tickets)
     app.router.add_get("/api/v1/tickets/{ticket_id}", show_ticket)
     app.router.add_post("/api/v1/tickets/{ticket_id}/resolve", resolve_ticket)

@@ -49,6 +49,13 @@ return {1, ARGV[2], context, state}
 """
 
 
+# Fixed-window counter: one round trip; returns the count and the window's remaining milliseconds.
+_RATE_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {count, redis.call('PTTL', KEYS[1])}
+"""
+
 # Puts a session in the agents' queue unless it is already waiting or held by an agent.
 _ENQUEUE_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -152,6 +159,7 @@ class SessionManager:
         self.ttl_seconds = ttl_seconds
         self._append = redis.register_script(_APPEND_SCRIPT)
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
+        self._rate = redis.register_script(_RATE_SCRIPT)
         self._claim = redis.register_script(_CLAIM_SCRIPT)
         self._release = redis.register_script(_RELEASE_SCRIPT)
         self._expire_waiting = redis.register_script(_EXPIRE_WAITING_SCRIPT)
@@ -552,3 +560,63 @@ class SessionManager:
     async def session_ticket_ids(self, session_id: str) -> list[str]:
         """Tickets opened for a session."""
         return sorted(i.decode() for i in await self.redis.smembers(self._session_tickets_key(session_id)))
+
+    # Rate limits --------------------------------------------------------------------------
+    async def over_limit(self, bucket: str, limit: int, window_seconds: int = 60) -> float | None:
+        """Count one hit in a shared fixed window; seconds to wait when the limit is passed, else None."""
+        if limit <= 0:
+            return None
+        count, ttl_ms = await self._rate(keys=[f"{PREFIX}:ratelimit:{bucket}"], args=[window_seconds * 1000])
+        if int(count) <= limit:
+            return None
+        return max(0.001, int(ttl_ms) / 1000)
+
+    # Privacy ------------------------------------------------------------------------------
+    async def rotate_token_if_idle(self, session_id: str, idle_seconds: float) -> str | None:
+        """A new token when the session was idle that long (the old one stops working); else None."""
+        last = await self.redis.zscore(self._ACTIVE_KEY, session_id)
+        if last is None or time.time() * 1000 - float(last) < idle_seconds * 1000:
+            return None
+        token = secrets.token_urlsafe(32)
+        await self.redis.hset(self._session_key(session_id), "tokenHash", _hash_token(token))
+        return token
+
+    async def export(self, session_id: str) -> dict[str, Any]:
+        """Everything kept about a session, for the person it belongs to."""
+        session = await self.get(session_id)
+        tickets = [t for t in [await self.ticket(i) for i in await self.session_ticket_ids(session_id)] if t]
+        return {
+            "session": None
+            if session is None
+            else {
+                "sessionId": session.id,
+                "userId": session.user_id,
+                "createdAt": session.created_at,
+                "expiresAt": session.expires_at,
+                "state": session.state,
+                "metadata": session.metadata,
+            },
+            "messages": await self.transcript(session_id),
+            "escalations": await self.escalations(session_id),
+            "tickets": tickets,
+        }
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session: record, history, idempotency keys, queue entry; tickets keep no transcript."""
+        ticket_ids = await self.session_ticket_ids(session_id)
+        for ticket_id in ticket_ids:
+            ticket = await self.ticket(ticket_id)
+            if ticket is not None:
+                ticket.update(transcript=[], summary=None, contact=None, sessionDeleted=True)
+                await self.redis.set(self._ticket_key(ticket_id), orjson.dumps(ticket))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                *self._keys(session_id),
+                self._session_tickets_key(session_id),
+                f"{PREFIX}:ratelimit:messages:{session_id}",  # RateLimits.check_message's counter
+            )
+            pipe.zrem(self._ACTIVE_KEY, session_id)
+            pipe.zrem(self._QUEUE_KEY, session_id)
+            pipe.hdel(self._QUEUE_ENTRIES_KEY, session_id)
+            pipe.zrem(self._AGENT_ACTIVITY_KEY, session_id)
+            await pipe.execute()

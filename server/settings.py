@@ -103,6 +103,12 @@ class Settings:
     agent_idle_timeout: float = 300.0
     shutdown_grace: float = 20.0
     socketio_manager: str = "auto"
+    rate_limit_sessions_per_minute: int = 300
+    rate_limit_messages_per_minute: int = 600
+    rate_limit_connections_per_minute: int = 1000
+    trusted_proxies: tuple[str, ...] = ()
+    token_rotate_after: float = 3600.0
+    log_message_content: bool = True
 
     @property
     def session_ttl_seconds(self) -> int:
@@ -180,6 +186,18 @@ class Settings:
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
             shutdown_grace=env.float("SHUTDOWN_GRACE", defaults.shutdown_grace),
             socketio_manager=env.str("SOCKETIO_MANAGER", defaults.socketio_manager).lower(),
+            rate_limit_sessions_per_minute=env.int(
+                "RATE_LIMIT_SESSIONS_PER_MINUTE", defaults.rate_limit_sessions_per_minute
+            ),
+            rate_limit_messages_per_minute=env.int(
+                "RATE_LIMIT_MESSAGES_PER_MINUTE", defaults.rate_limit_messages_per_minute
+            ),
+            rate_limit_connections_per_minute=env.int(
+                "RATE_LIMIT_CONNECTIONS_PER_MINUTE", defaults.rate_limit_connections_per_minute
+            ),
+            trusted_proxies=tuple(p.strip() for p in env.list("TRUSTED_PROXIES", []) if p.strip()),
+            token_rotate_after=env.float("TOKEN_ROTATE_AFTER", defaults.token_rotate_after),
+            log_message_content=env.bool("LOG_MESSAGE_CONTENT", defaults.log_message_content),
         )
 
 

@@ -12,6 +12,7 @@ from loguru import logger
 from server.chat_service import ChatService
 from server.errors import ApiError
 from server.handoff import HandoffService
+from server.rate_limits import RateLimits
 from server.schemas import Schemas, load
 from server.sessions import SessionManager
 from server.socket_server import ack_requested, after_ack
@@ -32,6 +33,8 @@ def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, n
         session_id = payload.get("sessionId") if isinstance(payload, dict) else None
         with logger.contextualize(sid=sid, session=session_id):
             try:
+                if _has_binary(args):
+                    raise ApiError("validation_error", "Binary attachments are not accepted.")
                 answer = {"ok": True, **await handler(sid, payload)}
             except ApiError as err:
                 answer = {"ok": False, "error": err.to_dict()}
@@ -55,6 +58,17 @@ def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, n
     return handle
 
 
+def _has_binary(value: Any) -> bool:
+    """Socket.IO binary attachments arrive as bytes anywhere in the payload; chat is text only."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return True
+    if isinstance(value, dict):
+        return any(_has_binary(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_binary(v) for v in value)
+    return False
+
+
 class CustomerEvents:
     """Handlers for the default namespace; which sessions a socket joined lives in its socket session."""
 
@@ -65,13 +79,17 @@ class CustomerEvents:
         sessions: SessionManager,
         chat: ChatService,
         handoff: HandoffService,
+        limits: RateLimits,
         provider_names: Callable[[], list[str]],
+        token_rotate_after: float = 3600.0,
     ) -> None:
         self.sio = sio
         self.schemas = schemas
         self.sessions = sessions
         self.chat = chat
         self.handoff = handoff
+        self.limits = limits
+        self.token_rotate_after = token_rotate_after
         self.provider_names = provider_names
         self.connected = 0
 
@@ -92,8 +110,16 @@ class CustomerEvents:
             self.sio.on(event, socket_edge(self.sio, event, handler))
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        request = environ.get("aiohttp.request")
+        ip = self.limits.client_ip(getattr(request, "remote", None), environ.get("HTTP_X_FORWARDED_FOR"))
+        try:
+            await self.limits.check_connection(ip)
+        except ApiError as err:
+            raise socketio.exceptions.ConnectionRefusedError(
+                {**err.to_dict(), "retryAfter": err.retry_after}
+            ) from None
         self.connected += 1
-        await self.sio.save_session(sid, {"sessions": set()})
+        await self.sio.save_session(sid, {"sessions": set(), "ip": ip})
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         self.connected -= 1
@@ -108,9 +134,10 @@ class CustomerEvents:
         data = load(self.schemas.join_chat, payload)
         if "sessionId" in data:
             session = await self.sessions.authenticate(data["sessionId"], data["token"])
-            token = data["token"]
+            token = await self.sessions.rotate_token_if_idle(session.id, self.token_rotate_after) or data["token"]
             await self.sessions.touch(session.id)
         else:
+            await self.limits.check_session_creation((await self.sio.get_session(sid)).get("ip", "unknown"))
             session, token = await self.sessions.create(data["userId"], data["metadata"])
         await self.sio.enter_room(sid, session.id)
         async with self.sio.session(sid) as socket_session:
@@ -135,6 +162,7 @@ class CustomerEvents:
     async def send_message(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.send_message, payload)
         await self._joined(sid, data["sessionId"])
+        await self.limits.check_message(data["sessionId"])
         stored, _ = await self.chat.submit(data["sessionId"], data["message"], data.get("clientMessageId"))
         return {"messageId": stored["id"]}
 

@@ -1,0 +1,129 @@
+"""Abuse limits, binary refusal, privacy (delete, export, token rotation, masked logs)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import socketio
+from loguru import logger
+
+from tests.conftest import joined_client
+from tests.test_processes import launch, processes, rest  # noqa: F401 - fixtures and helpers
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def post_session(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{url}/api/v1/chat/session", json={"userId": "limited"}, headers=headers or {}
+    ) as response:
+        return response.status, await response.json(), dict(response.headers)
+
+
+async def test_sessions_per_ip_are_limited_with_retry_after(start_server, redis_sync) -> None:
+    server = await start_server(rate_limit_sessions_per_minute=3)
+    for _ in range(3):
+        assert (await post_session(server.url))[0] == 201
+    status, body, headers = await post_session(server.url)
+    assert status == 429 and body["error"]["code"] == "rate_limited"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert len(redis_sync.keys("chat:session:*")) == 3
+
+
+async def test_forwarded_for_counts_only_behind_a_trusted_proxy(start_server) -> None:
+    untrusted = await start_server(rate_limit_sessions_per_minute=2)
+    codes = [(await post_session(untrusted.url, {"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]
+    assert codes == [201, 201, 429]  # spoofed headers do not buy more sessions
+    trusted = await start_server(rate_limit_sessions_per_minute=2, trusted_proxies=("127.0.0.1/32",))
+    codes = [(await post_session(trusted.url, {"X-Forwarded-For": f"10.0.1.{i}"}))[0] for i in range(3)]
+    assert codes == [201, 201, 201]  # each client behind the proxy has its own budget
+
+
+async def test_messages_per_session_are_limited_on_sockets(start_server, connect, double) -> None:
+    server = await start_server(rate_limit_messages_per_minute=2)
+    client, session_id, _ = await joined_client(connect, server.url)
+    for i in range(2):
+        assert (await client.call("send-message", {"sessionId": session_id, "message": f"m{i}"}))["ok"]
+    refused = await client.call("send-message", {"sessionId": session_id, "message": "one too many"})
+    assert refused["ok"] is False and refused["error"]["code"] == "rate_limited" and refused["retryAfter"] > 0
+    await asyncio.sleep(0.3)
+    assert not any("one too many" in str(r["body"]) for r in double.requests["openai"])
+
+
+async def test_socket_connections_per_ip_are_limited(start_server, connect) -> None:
+    server = await start_server(rate_limit_connections_per_minute=2)
+    await connect(server.url)
+    await connect(server.url)
+    client = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect(server.url, transports=["websocket"], wait_timeout=3)
+
+
+async def test_rate_limit_holds_across_two_processes(processes, redis_url) -> None:  # noqa: F811
+    env = {"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "RATE_LIMIT_SESSIONS_PER_MINUTE": "3"}
+    a = await launch(processes, env)
+    b = await launch(processes, env)
+    codes = [(await post_session(url))[0] for url in (a.url, b.url, a.url, b.url)]
+    assert codes == [201, 201, 201, 429]
+
+
+async def test_binary_attachments_are_refused(server, connect) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    ack = await client.call("send-message", {"sessionId": session_id, "message": b"\x00\x01binary"})
+    assert ack["ok"] is False and ack["error"]["code"] == "validation_error"
+
+
+async def test_export_then_delete_forgets_the_session(server, connect, redis_sync) -> None:
+    client, session_id, token = await joined_client(connect, server.url)
+    payload = {"sessionId": session_id, "message": "my email is jo@example.com", "clientMessageId": "k1"}
+    sent = await client.call("send-message", payload)
+    await client.reply_to(sent["messageId"])
+    other = await joined_client(connect, server.url, "someone-else")
+    for presented in (None, "wrong", other[2]):
+        status, _ = await rest("GET", f"{server.url}/api/v1/chat/session/{session_id}/export", token=presented)
+        assert status == 401
+        status, _ = await rest("DELETE", f"{server.url}/api/v1/chat/session/{session_id}", token=presented)
+        assert status == 401
+    status, export = await rest("GET", f"{server.url}/api/v1/chat/session/{session_id}/export", token=token)
+    assert status == 200 and export["session"]["sessionId"] == session_id
+    assert export["messages"][0]["content"] == "my email is jo@example.com"
+    status, body = await rest("DELETE", f"{server.url}/api/v1/chat/session/{session_id}", token=token)
+    assert status == 200 and body["deleted"] is True
+    assert [k for k in redis_sync.keys("*") if session_id.encode() in k] == []
+    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=token)
+    assert status == 401
+
+
+async def test_idle_rejoin_rotates_the_token(start_server, connect) -> None:
+    server = await start_server(token_rotate_after=0.5)
+    first, session_id, old_token = await joined_client(connect, server.url)
+    await first.disconnect()
+    await asyncio.sleep(1.0)
+    again = await connect(server.url)
+    ack = await again.call("join-chat", {"sessionId": session_id, "token": old_token})
+    assert ack["ok"] and ack["token"] != old_token
+    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=old_token)
+    assert status == 401
+    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=ack["token"])
+    assert status == 200
+
+
+async def test_logs_mask_contact_details_and_never_hold_keys(start_server, connect) -> None:
+    server = await start_server(log_level="DEBUG")
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
+    try:
+        client, session_id, token = await joined_client(connect, server.url)
+        sent = await client.call(
+            "send-message",
+            {"sessionId": session_id, "message": "I'm jo@example.com, card 4111 1111 1111 1111, call +1 555 123 4567"},
+        )
+        await client.reply_to(sent["messageId"])
+    finally:
+        logger.remove(sink)
+    text = "\n".join(lines)
+    assert "provider request" in text and "[email]" in text and "[card]" in text
+    for secret in ("jo@example.com", "4111 1111 1111 1111", "555 123 4567", "sk-test-openai-key", "g-test-gemini-key", token):
+        assert secret not in text
