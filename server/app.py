@@ -178,6 +178,8 @@ def create_app(settings: Settings) -> web.Application:
         flush_chars=settings.stream_flush_chars,
         cross_process_order=settings.scaled_out,
         log_content=settings.log_message_content,
+        token_budget_per_session=settings.token_budget_per_session,
+        token_budget_per_day=settings.token_budget_per_day,
     )
     limits = RateLimits(
         sessions,
@@ -210,6 +212,7 @@ def create_app(settings: Settings) -> web.Application:
         connected_clients=lambda: customers.connected,
         instance_id=instance_id,
         pubsub_healthy=(lambda: manager.healthy) if manager is not None else None,
+        token_budget_per_day=settings.token_budget_per_day,
     )
 
     add_routes(app)

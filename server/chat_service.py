@@ -23,6 +23,10 @@ from server.providers.base import ChatTurn, ProviderRequest
 from server.reply_stream import Broadcaster, ReplyListener, ReplyStream
 from server.sessions import SessionManager, new_id, now_iso
 
+BUDGET_MESSAGE = (
+    "I've reached the limit of what I can answer in this conversation. "
+    "A member of our support team will follow up with you."
+)
 FAILURE_MESSAGE = (
     "I'm sorry, I can't answer right now. A member of our support team will follow up with you shortly."
 )
@@ -63,6 +67,7 @@ class _Outcome:
     failed: bool = False
     stopped: bool = False
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    tokens: int = 0
 
 
 class ChatService:
@@ -82,6 +87,8 @@ class ChatService:
         handoff: HandoffService | None = None,
         cross_process_order: bool = False,
         log_content: bool = True,
+        token_budget_per_session: int = 0,
+        token_budget_per_day: int = 0,
     ) -> None:
         self.sessions = sessions
         self.chain = chain
@@ -94,6 +101,8 @@ class ChatService:
         self.handoff = handoff
         self.cross_process_order = cross_process_order
         self.log_content = log_content
+        self.token_budget_per_session = token_budget_per_session
+        self.token_budget_per_day = token_budget_per_day
         self._queues: dict[str, deque[_Job]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._generating: dict[str, _Generation] = {}
@@ -205,7 +214,10 @@ class ChatService:
             reply = await self.sessions.find_reply(session_id, appended.message["id"])
             job.done.set_result(TurnResult(session_id, appended.message, reply, None, duplicate=True))
             return
-        result = await self._answer(session_id, appended.message, appended.context, job.listener)
+        if self._over_budget(appended.session_tokens, appended.day_tokens):
+            result = await self._budget_exhausted(session_id, appended.message)
+        else:
+            result = await self._answer(session_id, appended.message, appended.context, job.listener)
         if not job.done.done():
             job.done.set_result(result)
 
@@ -247,6 +259,8 @@ class ChatService:
             await stream.close()
             await self._typing(session_id, False)
 
+        if outcome.tokens:
+            await self.sessions.add_tokens(session_id, outcome.tokens)
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)
         if outcome.failed:
@@ -278,6 +292,28 @@ class ChatService:
         )
         return TurnResult(session_id, user_message, replies[-1], escalation.to_dict() if escalation else None)
 
+    def _over_budget(self, session_tokens: int, day_tokens: int) -> bool:
+        """Whether the session's or today's provider-token budget is spent (0 means no budget)."""
+        return (0 < self.token_budget_per_session <= session_tokens) or (0 < self.token_budget_per_day <= day_tokens)
+
+    async def _budget_exhausted(self, session_id: str, user_message: dict[str, Any]) -> TurnResult:
+        """No more AI for this session (or today): say so, and bring in a person."""
+        message = {
+            "id": new_id(),
+            "sessionId": session_id,
+            "role": "system",
+            "content": BUDGET_MESSAGE,
+            "createdAt": now_iso(),
+            "replyTo": user_message["id"],
+        }
+        await self.sessions.append(session_id, message)
+        escalation = self.rules.for_failure(session_id, "The AI token budget is used up.")
+        payload = {"sessionId": session_id, "message": message, "escalation": escalation.to_dict()}
+        await self.broadcaster.emit("message-received", payload, session_id)
+        await self._announce_escalation(escalation)
+        logger.info("session {}: token budget used up, escalated", session_id)
+        return TurnResult(session_id, user_message, message, escalation.to_dict())
+
     async def _generate(self, session_id: str, request: ProviderRequest, stream: ReplyStream) -> _Outcome:
         """Run the chain in its own task so `stop-generation` can cancel exactly that."""
         task = asyncio.create_task(self._consume(request, stream))
@@ -301,7 +337,12 @@ class ChatService:
                 elif isinstance(event, ChainInterrupted):
                     await stream.interrupted(event.provider, event.reason)
                 elif isinstance(event, ChainDone):
-                    return _Outcome(text=event.text, provider=event.provider, confidence=event.confidence)
+                    return _Outcome(
+                        text=event.text,
+                        provider=event.provider,
+                        confidence=event.confidence,
+                        tokens=event.input_tokens + event.output_tokens,
+                    )
                 elif isinstance(event, ChainFailed):
                     await stream.close()
                     return _Outcome(text=event.partial, provider=stream.provider, failed=True, reasons=event.reasons)

@@ -26,6 +26,7 @@ class HealthService:
         connected_clients: Callable[[], int],
         instance_id: str,
         pubsub_healthy: Callable[[], bool] | None = None,
+        token_budget_per_day: int = 0,
     ) -> None:
         self._redis = redis
         self._redis_mode = redis_mode
@@ -34,17 +35,20 @@ class HealthService:
         self._connected_clients = connected_clients
         self._instance_id = instance_id
         self._pubsub_healthy = pubsub_healthy
+        self._token_budget_per_day = token_budget_per_day
         self._started = time.monotonic()
 
     async def report(self) -> dict[str, Any]:
         """`ok`, `degraded` (no provider usable) or `down` (Redis unreachable)."""
         usage: dict[str, int] = {}
         active_sessions = 0
+        tokens_today = 0
         try:
             await self._redis.ping()
             redis_status = "ok"
             usage = await self._sessions.provider_usage()
             active_sessions = await self._sessions.active_sessions()
+            tokens_today = await self._sessions.tokens_today()
         except (OSError, aioredis.RedisError):
             redis_status = "down"
         providers = [
@@ -74,5 +78,6 @@ class HealthService:
             "pubsub": None if self._pubsub_healthy is None else ("ok" if self._pubsub_healthy() else "degraded"),
             "providers": providers,
             "activeSessions": active_sessions,
+            "tokens": {"today": tokens_today, "budgetPerDay": self._token_budget_per_day},
             "connectedClients": self._connected_clients(),
         }

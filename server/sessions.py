@@ -45,7 +45,9 @@ if want > 0 and n > 1 then
   if first < 0 then first = 0 end
   context = redis.call('LRANGE', KEYS[2], first, n - 2)
 end
-return {1, ARGV[2], context, state}
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
+return {1, ARGV[2], context, state, tokens, day_tokens}
 """
 
 
@@ -141,6 +143,8 @@ class AppendResult:
     duplicate: bool
     context: list[dict[str, Any]]
     state: str
+    session_tokens: int = 0
+    day_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,8 +305,8 @@ class SessionManager:
     ) -> AppendResult:
         """Store a message in order; a repeated clientMessageId returns the first message instead."""
         now = time.time()
-        keys = [*self._keys(session_id)[:4], self._ACTIVE_KEY]
-        status, stored, context, state = await self._append(
+        keys = [*self._keys(session_id)[:4], self._ACTIVE_KEY, self._day_tokens_key()]
+        status, stored, context, state, *tokens = await self._append(
             keys=keys,
             args=[
                 message["id"],
@@ -322,7 +326,28 @@ class SessionManager:
             duplicate=status == 0,
             context=[orjson.loads(item) for item in context],
             state=state.decode() if isinstance(state, bytes) else str(state),
+            session_tokens=int(tokens[0]) if tokens else 0,
+            day_tokens=int(tokens[1]) if len(tokens) > 1 else 0,
         )
+
+    @staticmethod
+    def _day_tokens_key(day: str | None = None) -> str:
+        return f"{PREFIX}:tokens:{day or datetime.now(tz=UTC).strftime('%Y-%m-%d')}"
+
+    async def add_tokens(self, session_id: str, count: int) -> None:
+        """Provider tokens used (as the SDKs report them), per session and per day."""
+        if count <= 0:
+            return
+        day_key = self._day_tokens_key()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self._session_key(session_id), "tokens", count)
+            pipe.incrby(day_key, count)
+            pipe.expire(day_key, 3 * 86400)
+            await pipe.execute()
+
+    async def tokens_today(self) -> int:
+        """Provider tokens used today, across processes."""
+        return int(await self.redis.get(self._day_tokens_key()) or 0)
 
     async def history(self, session_id: str, limit: int, before: str | None = None) -> HistoryPage:
         """The newest `limit` messages (older than `before`), oldest first."""

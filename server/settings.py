@@ -109,6 +109,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     token_rotate_after: float = 3600.0
     log_message_content: bool = True
+    token_budget_per_session: int = 200_000
+    token_budget_per_day: int = 5_000_000
 
     @property
     def session_ttl_seconds(self) -> int:
@@ -198,6 +200,8 @@ class Settings:
             trusted_proxies=tuple(p.strip() for p in env.list("TRUSTED_PROXIES", []) if p.strip()),
             token_rotate_after=env.float("TOKEN_ROTATE_AFTER", defaults.token_rotate_after),
             log_message_content=env.bool("LOG_MESSAGE_CONTENT", defaults.log_message_content),
+            token_budget_per_session=env.int("TOKEN_BUDGET_PER_SESSION", defaults.token_budget_per_session),
+            token_budget_per_day=env.int("TOKEN_BUDGET_PER_DAY", defaults.token_budget_per_day),
         )
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -121,6 +122,10 @@ class ProviderDouble:
         """Faults that happen before any answer: status errors, hangs, dropped connections."""
         if mode.options.get("delay"):
             await asyncio.sleep(mode.options["delay"])
+        if mode.name == "flaky":
+            if random.random() >= float(mode.options.get("fail_rate", 0.5)):
+                return None
+            mode = Mode("status", {"status": int(mode.options.get("status", 500))})
         if mode.name == "status":
             status = int(mode.options.get("status", 500))
             headers = {}

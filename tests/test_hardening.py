@@ -127,3 +127,20 @@ async def test_logs_mask_contact_details_and_never_hold_keys(start_server, conne
     assert "provider request" in text and "[email]" in text and "[card]" in text
     for secret in ("jo@example.com", "4111 1111 1111 1111", "555 123 4567", "sk-test-openai-key", "g-test-gemini-key", token):
         assert secret not in text
+
+
+async def test_token_budget_stops_the_ai_and_offers_a_human(start_server, connect, double) -> None:
+    server = await start_server(token_budget_per_session=25)
+    client, session_id, _ = await joined_client(connect, server.url)
+    first = await client.call("send-message", {"sessionId": session_id, "message": "one two three"})
+    assert (await client.reply_to(first["messageId"]))["message"]["role"] == "assistant"  # 10 prompt + 4 reply tokens
+    second = await client.call("send-message", {"sessionId": session_id, "message": "four five six"})
+    assert (await client.reply_to(second["messageId"]))["message"]["role"] == "assistant"  # now 28 >= 25
+    calls = len(double.requests["openai"])
+    third = await client.call("send-message", {"sessionId": session_id, "message": "seven"})
+    answer = await client.reply_to(third["messageId"])
+    assert answer["message"]["role"] == "system" and "support team" in answer["message"]["content"]
+    assert answer["escalation"]["trigger"] == "error"
+    assert len(double.requests["openai"]) == calls
+    _, health = await rest("GET", f"{server.url}/api/v1/health")
+    assert health["tokens"]["today"] >= 28

@@ -201,3 +201,18 @@ async def test_pubsub_probe_reports_and_recovers_after_the_listener_is_cut(proce
     assert (await on_b.reply_to(sent["messageId"]))["message"]["content"] == "Echo: still connected?"
     _, health = await rest("GET", f"{b.url}/api/v1/health")
     assert health["pubsub"] == "ok"
+
+
+async def test_sigterm_during_a_stream_finishes_and_stores_the_reply(processes, cluster_env, connect, double, redis_sync) -> None:
+    server = await launch(processes, {**cluster_env, "SHUTDOWN_GRACE": "10"})
+    double.set_mode("openai", "ok", tokens=60, chunk_delay=0.03)
+    customer: Recorder = await connect(server.url)
+    joined = await customer.call("join-chat", {"userId": "deploy-day"})
+    sent = await customer.call("send-message", {"sessionId": joined["sessionId"], "message": "long one"})
+    await customer.wait_for("message-chunk")
+    server.process.send_signal(signal.SIGTERM)
+    reply = await customer.reply_to(sent["messageId"], timeout=15)
+    assert reply["message"]["content"].split() == [f"tok{i}" for i in range(60)]
+    await asyncio.wait_for(server.process.wait(), 20)
+    stored = redis_sync.lrange(f"chat:history:{{{joined['sessionId']}}}", 0, -1)
+    assert len(stored) == 2 and b'"incomplete"' not in stored[1] and b"tok59" in stored[1]
