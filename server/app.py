@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import uuid
@@ -65,15 +66,25 @@ from server.summary import ConversationSummarizer
 
 
 class _OrjsonCodec:
-    """Socket.IO's JSON through orjson: the packet encoder is on every emit's hot path."""
+    """Socket.IO's JSON through orjson (the packet encoder is on every emit's hot path).
+
+    orjson refuses what the standard library accepts (integers beyond 64 bits, odd floats), so those
+    rare packets fall back to `json` rather than failing.
+    """
 
     @staticmethod
-    def dumps(obj: Any, **_: Any) -> str:
-        return orjson.dumps(obj).decode()
+    def dumps(obj: Any, **kwargs: Any) -> str:
+        try:
+            return orjson.dumps(obj).decode()
+        except TypeError:
+            return json.dumps(obj, separators=(",", ":"))
 
     @staticmethod
     def loads(data: str | bytes, **_: Any) -> Any:
-        return orjson.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return json.loads(data)
 
 
 class SocketBroadcaster:
