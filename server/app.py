@@ -63,6 +63,7 @@ from server.socket_manager import GuardedRedisManager
 from server.socket_server import ChatSocketServer
 from server.sockets import CustomerEvents
 from server.summary import ConversationSummarizer
+from server.write_behind import WriteBehindStore
 
 
 class _OrjsonCodec:
@@ -171,6 +172,7 @@ def create_app(settings: Settings) -> web.Application:
         idle_timeout=settings.agent_idle_timeout,
         instance_id=instance_id,
     )
+    store = WriteBehindStore(sessions, capacity=settings.write_behind_capacity)
     chat = ChatService(
         sessions=sessions,
         chain=chain,
@@ -184,6 +186,7 @@ def create_app(settings: Settings) -> web.Application:
         rules=EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
         broadcaster=broadcaster,
         handoff=handoff,
+        store=store,
         max_history=settings.max_conversation_history,
         flush_ms=settings.stream_flush_ms,
         flush_chars=settings.stream_flush_chars,
@@ -224,6 +227,7 @@ def create_app(settings: Settings) -> web.Application:
         instance_id=instance_id,
         pubsub_healthy=(lambda: manager.healthy) if manager is not None else None,
         token_budget_per_day=settings.token_budget_per_day,
+        write_behind=store,
     )
 
     add_routes(app)
@@ -236,6 +240,7 @@ def create_app(settings: Settings) -> web.Application:
 async def _graceful_shutdown(app: web.Application) -> None:
     """No longer listening: let replies in progress finish and be stored, then close sockets so clients reconnect."""
     await app[CHAT_SERVICE].drain(timeout=app[SETTINGS].shutdown_grace)
+    await app[CHAT_SERVICE].store.drain(timeout=5)
     sio = app[SIO]
     if sio.eio.sockets:
         with contextlib.suppress(Exception):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from server.provider_chain import ChainDelta, ChainDone, ChainFailed, ChainInter
 from server.providers.base import ChatTurn, ProviderRequest
 from server.reply_stream import Broadcaster, ReplyListener, ReplyStream
 from server.sessions import SessionManager, new_id, now_iso
+from server.write_behind import REDIS_DOWN, WriteBehindStore
 
 BUDGET_MESSAGE = (
     "I've reached the limit of what I can answer in this conversation. "
@@ -85,6 +86,7 @@ class ChatService:
         flush_ms: int,
         flush_chars: int,
         handoff: HandoffService | None = None,
+        store: WriteBehindStore | None = None,
         cross_process_order: bool = False,
         log_content: bool = True,
         token_budget_per_session: int = 0,
@@ -99,6 +101,7 @@ class ChatService:
         self.flush_ms = flush_ms
         self.flush_chars = flush_chars
         self.handoff = handoff
+        self.store = store or WriteBehindStore(sessions, capacity=10_000)
         self.cross_process_order = cross_process_order
         self.log_content = log_content
         self.token_budget_per_session = token_budget_per_session
@@ -169,7 +172,7 @@ class ChatService:
             while queue:
                 job = queue.popleft()
                 try:
-                    if self.cross_process_order:
+                    if self.cross_process_order and not self.store.depth:
                         async with self.sessions.session_lock(session_id) as lock:
                             keeper = asyncio.create_task(_keep_lock(lock))
                             try:
@@ -202,7 +205,7 @@ class ChatService:
         }
         if job.client_message_id:
             user_message["clientMessageId"] = job.client_message_id
-        appended = await self.sessions.append(
+        appended = await self.store.append(
             session_id, user_message, client_message_id=job.client_message_id, context_size=self.max_history
         )
         job.stored.set_result(appended.message)
@@ -260,7 +263,7 @@ class ChatService:
             await self._typing(session_id, False)
 
         if outcome.tokens:
-            await self.sessions.add_tokens(session_id, outcome.tokens)
+            await _soft(self.sessions.add_tokens(session_id, outcome.tokens), "count tokens")
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)
         if outcome.failed:
@@ -268,8 +271,8 @@ class ChatService:
         elif not outcome.stopped:
             escalation = escalation or self.rules.for_reply(session_id, outcome.confidence)
         for message in replies:
-            await self.sessions.append(session_id, message)
-        await self.sessions.clear_in_flight(session_id, stream.message_id)
+            await self.store.append(session_id, message)
+        await _soft(self.sessions.clear_in_flight(session_id, stream.message_id), "clear the streamed text")
         for position, message in enumerate(replies):
             last = position == len(replies) - 1
             payload = {
@@ -306,7 +309,7 @@ class ChatService:
             "createdAt": now_iso(),
             "replyTo": user_message["id"],
         }
-        await self.sessions.append(session_id, message)
+        await self.store.append(session_id, message)
         escalation = self.rules.for_failure(session_id, "The AI token budget is used up.")
         payload = {"sessionId": session_id, "message": message, "escalation": escalation.to_dict()}
         await self.broadcaster.emit("message-received", payload, session_id)
@@ -385,11 +388,11 @@ class ChatService:
 
     async def _announce_escalation(self, escalation: Escalation) -> None:
         body = escalation.to_dict()
-        await self.sessions.record_escalation(escalation.session_id, body)
+        await _soft(self.sessions.record_escalation(escalation.session_id, body), "record an escalation")
         await self.broadcaster.emit("escalation-needed", body, escalation.session_id)
         logger.info("session {}: escalated ({}): {}", escalation.session_id, escalation.trigger, escalation.reason)
         if self.handoff is not None:
-            await self.handoff.on_escalation(escalation)
+            await _soft(self.handoff.on_escalation(escalation), "queue an escalation for agents")
 
     async def _typing(self, session_id: str, typing: bool) -> None:
         await self.broadcaster.emit("assistant-typing", {"sessionId": session_id, "typing": typing}, session_id)
@@ -415,6 +418,14 @@ async def _keep_lock(lock: Lock, every: float = 3.0) -> None:
             await lock.reacquire()
         except Exception as err:
             logger.warning("could not renew a session lock: {}", type(err).__name__)
+
+
+async def _soft(step: Awaitable[Any], what: str) -> None:
+    """Book-keeping that must not cost a reply when Redis is unreachable."""
+    try:
+        await step
+    except REDIS_DOWN as err:
+        logger.warning("could not {} (redis unreachable: {})", what, type(err).__name__)
 
 
 def _pending_text(stream: ReplyStream) -> str:

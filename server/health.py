@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from server import __version__
 from server.provider_chain import ProviderChain
 from server.sessions import SessionManager
+from server.write_behind import WriteBehindStore
 
 
 class HealthService:
@@ -27,6 +28,7 @@ class HealthService:
         instance_id: str,
         pubsub_healthy: Callable[[], bool] | None = None,
         token_budget_per_day: int = 0,
+        write_behind: WriteBehindStore | None = None,
     ) -> None:
         self._redis = redis
         self._redis_mode = redis_mode
@@ -36,6 +38,7 @@ class HealthService:
         self._instance_id = instance_id
         self._pubsub_healthy = pubsub_healthy
         self._token_budget_per_day = token_budget_per_day
+        self._write_behind = write_behind
         self._started = time.monotonic()
 
     async def report(self) -> dict[str, Any]:
@@ -49,7 +52,7 @@ class HealthService:
             usage = await self._sessions.provider_usage()
             active_sessions = await self._sessions.active_sessions()
             tokens_today = await self._sessions.tokens_today()
-        except (OSError, aioredis.RedisError):
+        except (OSError, aioredis.RedisError, TimeoutError):
             redis_status = "down"
         providers = [
             {
@@ -63,10 +66,17 @@ class HealthService:
             for p in self._chain.providers
         ]
         usable = [p for p in providers if p["configured"] and p["state"] != "open"]
-        if redis_status != "ok":
+        buffered = self._write_behind.depth if self._write_behind is not None else 0
+        buffer_full = self._write_behind is not None and buffered >= self._write_behind.capacity
+        if buffer_full or (redis_status != "ok" and self._write_behind is None):
             status = "down"
-        elif not usable or (self._pubsub_healthy is not None and not self._pubsub_healthy()):
-            status = "degraded"
+        elif (
+            redis_status != "ok"
+            or buffered
+            or not usable
+            or (self._pubsub_healthy is not None and not self._pubsub_healthy())
+        ):
+            status = "degraded"  # chats go on: replies are produced and messages wait in the buffer
         else:
             status = "ok"
         return {
@@ -77,6 +87,7 @@ class HealthService:
             "redis": {"status": redis_status, "mode": self._redis_mode},
             "pubsub": None if self._pubsub_healthy is None else ("ok" if self._pubsub_healthy() else "degraded"),
             "providers": providers,
+            "writeBehind": {"depth": buffered, "capacity": self._write_behind.capacity if self._write_behind else 0},
             "activeSessions": active_sessions,
             "tokens": {"today": tokens_today, "budgetPerDay": self._token_budget_per_day},
             "connectedClients": self._connected_clients(),

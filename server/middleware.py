@@ -9,6 +9,7 @@ from aiohttp import web
 from loguru import logger
 
 from server.errors import ApiError
+from server.write_behind import REDIS_DOWN
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -28,6 +29,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as err:
         return error_response(err)
+    except REDIS_DOWN:
+        return error_response(ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=2))
     except web.HTTPException as exc:
         if exc.status < 400 or request.path.startswith("/socket.io"):
             raise

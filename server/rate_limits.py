@@ -6,6 +6,7 @@ import ipaddress
 
 from server.errors import ApiError
 from server.sessions import SessionManager
+from server.write_behind import REDIS_DOWN
 
 
 class RateLimits:
@@ -57,6 +58,9 @@ class RateLimits:
         await self._check(f"connections:{ip}", self.connections_per_minute, "Too many connections")
 
     async def _check(self, bucket: str, limit: int, what: str) -> None:
-        wait = await self._sessions.over_limit(bucket, limit)
+        try:
+            wait = await self._sessions.over_limit(bucket, limit)
+        except REDIS_DOWN:  # fail open: an outage must not stop conversations
+            return
         if wait is not None:
             raise ApiError("rate_limited", f"{what}; try again in {wait:.0f} s.", retry_after=wait)

@@ -111,6 +111,7 @@ class Settings:
     log_message_content: bool = True
     token_budget_per_session: int = 200_000
     token_budget_per_day: int = 5_000_000
+    write_behind_capacity: int = 10_000
 
     @property
     def session_ttl_seconds(self) -> int:
@@ -202,6 +203,7 @@ class Settings:
             log_message_content=env.bool("LOG_MESSAGE_CONTENT", defaults.log_message_content),
             token_budget_per_session=env.int("TOKEN_BUDGET_PER_SESSION", defaults.token_budget_per_session),
             token_budget_per_day=env.int("TOKEN_BUDGET_PER_DAY", defaults.token_budget_per_day),
+            write_behind_capacity=env.int("WRITE_BEHIND_CAPACITY", defaults.write_behind_capacity),
         )
 
 

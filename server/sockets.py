@@ -16,8 +16,10 @@ from server.rate_limits import RateLimits
 from server.schemas import Schemas, load
 from server.sessions import SessionManager
 from server.socket_server import ack_requested, after_ack
+from server.write_behind import REDIS_DOWN
 
 HISTORY_ON_JOIN = 50
+STORAGE_DOWN = ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=2)
 AGENT_ONLY_EVENTS = ("claim", "release", "close", "agent-message", "get-queue")
 SocketHandler = Callable[[str, Any], Awaitable[dict[str, Any]]]
 
@@ -40,6 +42,8 @@ def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, n
                 answer = {"ok": False, "error": err.to_dict()}
                 if err.retry_after is not None:
                     answer["retryAfter"] = err.retry_after
+            except REDIS_DOWN:
+                answer = {"ok": False, "error": STORAGE_DOWN.to_dict(), "retryAfter": STORAGE_DOWN.retry_after}
             except Exception:
                 logger.exception("socket event {} failed", event)
                 answer = {"ok": False, "error": ApiError("internal", "Something went wrong.").to_dict()}

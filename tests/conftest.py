@@ -35,9 +35,10 @@ def free_port() -> int:
 class RedisProcess:
     """A throwaway real redis-server on loopback."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None, persistent: bool = False) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +46,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -52,7 +54,8 @@ class RedisProcess:
                 "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir),
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.persistent else "no",
+                "--appendfsync", "always",
                 "--daemonize", "no",
             ],
             stdout=subprocess.DEVNULL,
