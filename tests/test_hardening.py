@@ -144,3 +144,39 @@ async def test_token_budget_stops_the_ai_and_offers_a_human(start_server, connec
     assert len(double.requests["openai"]) == calls
     _, health = await rest("GET", f"{server.url}/api/v1/health")
     assert health["tokens"]["today"] >= 28
+
+
+async def test_strings_are_normalized_and_control_characters_stripped(server, connect) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "Cafe\u0301 \u0007ok\u0000!"})
+    reply = await client.reply_to(sent["messageId"])
+    assert reply["message"]["content"] == "Echo: Caf\u00e9 ok!"
+    ack = await client.call("join-chat", {"userId": "u", "metadata": {"blob": "x" * 5000}})
+    assert ack["ok"] is False and "metadata" in ack["error"]["details"]
+
+
+async def test_cors_origins_are_enforced_for_rest_and_socketio(start_server) -> None:
+    server = await start_server(cors_origins=("https://shop.example",))
+    async with aiohttp.ClientSession() as http:
+        async with http.options(
+            f"{server.url}/api/v1/chat/session",
+            headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"},
+        ) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        async with http.post(
+            f"{server.url}/api/v1/chat/session", json={"userId": "x"}, headers={"Origin": "https://evil.example"}
+        ) as response:
+            assert "Access-Control-Allow-Origin" not in response.headers
+        async with http.get(f"{server.url}/") as response:
+            assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+            assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert response.headers["Referrer-Policy"] == "no-referrer"
+    evil = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await evil.connect(server.url, headers={"Origin": "https://evil.example"}, transports=["websocket"], wait_timeout=3)
+    await evil.disconnect()
+    good = socketio.AsyncClient(reconnection=False)
+    await good.connect(server.url, headers={"Origin": "https://shop.example"}, transports=["websocket"], wait_timeout=3)
+    await good.disconnect()
