@@ -31,6 +31,7 @@ from server.keys import (
     EMBEDDED_REDIS,
     HANDOFF,
     HEALTH,
+    METRICS,
     RATE_LIMITS,
     REDIS,
     SCHEMAS,
@@ -40,6 +41,7 @@ from server.keys import (
 )
 from server.knowledge import KnowledgeBase
 from server.logging_setup import configure_logging
+from server.metrics import Metrics
 from server.middleware import (
     access_log_middleware,
     cors_middleware,
@@ -149,6 +151,8 @@ def create_app(settings: Settings) -> web.Application:
     sio.attach(app)
     app[SIO] = sio
 
+    metrics = Metrics()
+    app[METRICS] = metrics
     knowledge = KnowledgeBase.from_directory(settings.knowledge_dir, store_name=settings.store_name)
     sessions = SessionManager(redis, settings.session_ttl_seconds)
     chain = ProviderChain(
@@ -158,7 +162,8 @@ def create_app(settings: Settings) -> web.Application:
         request_timeout=settings.ai_request_timeout,
         first_token_timeout=settings.ai_first_token_timeout,
         idle_timeout=settings.ai_stream_idle_timeout,
-        record_attempt=lambda name, failed, _seconds: sessions.count_provider_call(name, failed=failed),
+        record_attempt=lambda name, failed, seconds: _record_attempt(metrics, sessions, name, failed, seconds),
+        on_first_token=lambda name, seconds: metrics.time_to_first_token.labels(name).observe(seconds),
     )
     schemas = build_schemas(settings.max_message_length, settings.metadata_max_bytes)
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -171,6 +176,7 @@ def create_app(settings: Settings) -> web.Application:
         wait_timeout=settings.agent_wait_timeout,
         idle_timeout=settings.agent_idle_timeout,
         instance_id=instance_id,
+        metrics=metrics,
     )
     store = WriteBehindStore(sessions, capacity=settings.write_behind_capacity)
     chat = ChatService(
@@ -194,6 +200,7 @@ def create_app(settings: Settings) -> web.Application:
         log_content=settings.log_message_content,
         token_budget_per_session=settings.token_budget_per_session,
         token_budget_per_day=settings.token_budget_per_day,
+        metrics=metrics,
     )
     limits = RateLimits(
         sessions,
@@ -235,6 +242,12 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_graceful_shutdown)
     return app
+
+
+async def _record_attempt(metrics: Metrics, sessions: SessionManager, name: str, failed: bool, seconds: float) -> None:
+    """Provider attempts feed both the scrape metrics and the shared usage counters."""
+    metrics.record_attempt(name, failed, seconds)
+    await sessions.count_provider_call(name, failed=failed)
 
 
 async def _graceful_shutdown(app: web.Application) -> None:

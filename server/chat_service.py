@@ -17,6 +17,7 @@ from redis.exceptions import LockError
 from server.errors import ApiError
 from server.escalation import Escalation, EscalationRules
 from server.handoff import HandoffService
+from server.metrics import Metrics
 from server.prompt import PromptBuilder
 from server.provider_chain import ChainDelta, ChainDone, ChainFailed, ChainInterrupted, ProviderChain
 from server.providers.base import ChatTurn, ProviderRequest
@@ -91,6 +92,7 @@ class ChatService:
         log_content: bool = True,
         token_budget_per_session: int = 0,
         token_budget_per_day: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sessions = sessions
         self.chain = chain
@@ -106,6 +108,7 @@ class ChatService:
         self.log_content = log_content
         self.token_budget_per_session = token_budget_per_session
         self.token_budget_per_day = token_budget_per_day
+        self.metrics = metrics or Metrics()
         self._queues: dict[str, deque[_Job]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._generating: dict[str, _Generation] = {}
@@ -205,10 +208,14 @@ class ChatService:
         }
         if job.client_message_id:
             user_message["clientMessageId"] = job.client_message_id
+        started = time.perf_counter()
         appended = await self.store.append(
             session_id, user_message, client_message_id=job.client_message_id, context_size=self.max_history
         )
+        self.metrics.redis_latency.observe(time.perf_counter() - started)
         job.stored.set_result(appended.message)
+        if not appended.duplicate:
+            self.metrics.messages.labels("in").inc()
         if appended.state == "agent" and not appended.duplicate and self.handoff is not None:
             await self.handoff.forward_customer_message(appended.message)
             job.done.set_result(TurnResult(session_id, appended.message, None, None))
@@ -272,6 +279,7 @@ class ChatService:
             escalation = escalation or self.rules.for_reply(session_id, outcome.confidence)
         for message in replies:
             await self.store.append(session_id, message)
+            self.metrics.messages.labels("out").inc()
         await _soft(self.sessions.clear_in_flight(session_id, stream.message_id), "clear the streamed text")
         for position, message in enumerate(replies):
             last = position == len(replies) - 1
@@ -388,6 +396,7 @@ class ChatService:
 
     async def _announce_escalation(self, escalation: Escalation) -> None:
         body = escalation.to_dict()
+        self.metrics.escalations.labels(escalation.trigger).inc()
         await _soft(self.sessions.record_escalation(escalation.session_id, body), "record an escalation")
         await self.broadcaster.emit("escalation-needed", body, escalation.session_id)
         logger.info("session {}: escalated ({}): {}", escalation.session_id, escalation.trigger, escalation.reason)

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import secrets
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
 
 from server.errors import ApiError
 from server.escalation import Escalation
+from server.metrics import Metrics
 from server.reply_stream import Broadcaster
 from server.sessions import SessionManager, new_id, now_iso
 from server.summary import ConversationSummarizer
@@ -39,6 +41,7 @@ class HandoffService:
         wait_timeout: float,
         idle_timeout: float,
         instance_id: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sessions = sessions
         self.broadcaster = broadcaster
@@ -47,6 +50,7 @@ class HandoffService:
         self.wait_timeout = wait_timeout
         self.idle_timeout = idle_timeout
         self.instance_id = instance_id
+        self.metrics = metrics or Metrics()
         self.local_agents: dict[str, str] = {}  # socket id -> agent name, on this process
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -97,6 +101,9 @@ class HandoffService:
                 raise ApiError("validation_error", "Another agent already took this conversation.", {"sessionId": "claimed"})
             raise ApiError("not_found", "This conversation is not waiting for an agent.")
         entry = value if isinstance(value, dict) else {}
+        if entry.get("waitingSince"):
+            waited = datetime.now(tz=UTC) - datetime.fromisoformat(entry["waitingSince"].replace("Z", "+00:00"))
+            self.metrics.handoff_wait.observe(max(0.0, waited.total_seconds()))
         fields = await self.sessions.session_fields(session_id, "summary", "trigger", "reason")
         transcript = await self.sessions.transcript(session_id)
         summary = fields["summary"] or entry.get("summary") or self.summarizer.fallback(transcript)

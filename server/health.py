@@ -41,6 +41,20 @@ class HealthService:
         self._write_behind = write_behind
         self._started = time.monotonic()
 
+    async def ready(self) -> dict[str, Any]:
+        """Whether this process can serve: Redis answers and, when scaled out, pub/sub delivers."""
+        try:
+            redis_ok = bool(await self._redis.ping())
+        except (OSError, aioredis.RedisError, TimeoutError):
+            redis_ok = False
+        pubsub_ok = self._pubsub_healthy is None or self._pubsub_healthy()
+        return {
+            "ready": redis_ok and pubsub_ok,
+            "redis": "ok" if redis_ok else "down",
+            "pubsub": None if self._pubsub_healthy is None else ("ok" if pubsub_ok else "degraded"),
+            "instanceId": self._instance_id,
+        }
+
     async def report(self) -> dict[str, Any]:
         """`ok`, `degraded` (no provider usable) or `down` (Redis unreachable)."""
         usage: dict[str, int] = {}

@@ -67,12 +67,14 @@ class ProviderChain:
         first_token_timeout: float,
         idle_timeout: float,
         record_attempt: AttemptRecorder | None = None,
+        on_first_token: Callable[[str, float], None] | None = None,
     ) -> None:
         self.providers = list(providers)
         self.breakers = {p.name: CircuitBreaker(failure_threshold, cooldown) for p in self.providers}
         self._first_token_timeout = min(first_token_timeout, request_timeout)
         self._idle_timeout = idle_timeout
         self._record_attempt = record_attempt
+        self._on_first_token = on_first_token
 
     @property
     def usable_names(self) -> list[str]:
@@ -97,6 +99,8 @@ class ProviderChain:
                 async with contextlib.aclosing(self._attempt(provider, request)) as attempt:
                     async for event in attempt:
                         if isinstance(event, TextDelta):
+                            if not parts and self._on_first_token is not None:
+                                self._on_first_token(provider.name, time.perf_counter() - started)
                             yield ChainDelta(provider.name, event.text, reset=written_before and not parts)
                             parts.append(event.text)
                             continue

@@ -10,8 +10,23 @@ from aiohttp_sse import sse_response
 from loguru import logger
 
 from server.errors import ApiError, unauthorized
-from server.keys import AGENT_DIRECTORY, CHAT_SERVICE, HANDOFF, HEALTH, RATE_LIMITS, SCHEMAS, SESSIONS
+from server.keys import (
+    AGENT_DIRECTORY,
+    CHAIN,
+    CHAT_SERVICE,
+    CUSTOMER_EVENTS,
+    HANDOFF,
+    HEALTH,
+    METRICS,
+    RATE_LIMITS,
+    SCHEMAS,
+    SESSIONS,
+    SETTINGS,
+)
+from server.metrics import BREAKER_VALUES, CONTENT_TYPE
 from server.schemas import load
+from server.settings import Secret
+from server.write_behind import REDIS_DOWN
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -169,6 +184,38 @@ async def resolve_ticket(request: web.Request) -> web.Response:
     return web.json_response(ticket)
 
 
+async def liveness(request: web.Request) -> web.Response:
+    """The process answers (no I/O): for restart decisions."""
+    return web.json_response({"status": "ok"})
+
+
+async def readiness(request: web.Request) -> web.Response:
+    """Redis and (when scaled out) pub/sub reachable: for routing traffic here."""
+    ready = await request.app[HEALTH].ready()
+    return web.json_response(ready, status=200 if ready["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; with METRICS_TOKEN set, only for that Bearer token."""
+    expected = request.app[SETTINGS].metrics_token
+    if expected and Secret(bearer_token(request)) != expected:
+        raise ApiError("unauthorized", "A valid metrics token is required.")
+    registry = request.app[METRICS]
+    chain = request.app[CHAIN]
+    try:
+        registry.sessions_active.set(await request.app[SESSIONS].active_sessions())
+    except REDIS_DOWN:
+        pass
+
+    def refresh() -> None:
+        registry.sockets_connected.set(request.app[CUSTOMER_EVENTS].connected)
+        registry.write_behind_depth.set(request.app[CHAT_SERVICE].store.depth)
+        for name, breaker in chain.breakers.items():
+            registry.breaker_state.labels(name).set(BREAKER_VALUES[breaker.state])
+
+    return web.Response(body=registry.render(refresh), headers={"Content-Type": CONTENT_TYPE})
+
+
 def add_routes(app: web.Application) -> None:
     """Every REST route in one place."""
     app.router.add_post("/api/v1/chat/session", create_session)
@@ -182,3 +229,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/tickets/{ticket_id}/resolve", resolve_ticket)
     app.router.add_get("/api/v1/health", health)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", liveness)
+    app.router.add_get("/health/ready", readiness)
+    app.router.add_get("/metrics", metrics)

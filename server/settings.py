@@ -112,6 +112,7 @@ class Settings:
     token_budget_per_session: int = 200_000
     token_budget_per_day: int = 5_000_000
     write_behind_capacity: int = 10_000
+    metrics_token: Secret = field(default_factory=lambda: Secret(None))
 
     @property
     def session_ttl_seconds(self) -> int:
@@ -204,6 +205,7 @@ class Settings:
             token_budget_per_session=env.int("TOKEN_BUDGET_PER_SESSION", defaults.token_budget_per_session),
             token_budget_per_day=env.int("TOKEN_BUDGET_PER_DAY", defaults.token_budget_per_day),
             write_behind_capacity=env.int("WRITE_BEHIND_CAPACITY", defaults.write_behind_capacity),
+            metrics_token=Secret(env.str("METRICS_TOKEN", None)),
         )
 
 

@@ -1,0 +1,53 @@
+"""Metrics, liveness and readiness with real parts."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from server.settings import Secret
+from tests.conftest import joined_client
+
+
+async def get(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        return response.status, await response.text()
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_metrics_count_traffic_providers_breakers_and_escalations(server, connect, double) -> None:
+    client, session_id, _ = await joined_client(connect, server.url)
+    double.set_mode("openai", "status", status=500)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "I want a refund"})
+    await client.reply_to(sent["messageId"])
+    status, text = await get(f"{server.url}/metrics")
+    assert status == 200
+    assert sample(text, 'support_messages_total{direction="in"}') == 1
+    assert sample(text, 'support_messages_total{direction="out"}') == 1
+    assert sample(text, 'support_provider_requests_total{provider="openai"}') == 1
+    assert sample(text, 'support_provider_failures_total{provider="openai"}') == 1
+    assert sample(text, 'support_provider_requests_total{provider="gemini"}') >= 1
+    assert sample(text, 'support_time_to_first_token_seconds_count{provider="gemini"}') >= 1
+    assert sample(text, 'support_escalations_total{trigger="keyword"}') == 1
+    assert sample(text, 'support_breaker_state{provider="openai"}') == 0
+    assert sample(text, "support_sockets_connected") == 1
+    assert sample(text, "support_write_behind_depth") == 0
+    assert sample(text, "support_redis_command_seconds_count") >= 1
+    assert "sk-test-openai-key" not in text
+
+
+async def test_metrics_token_and_health_probes(start_server) -> None:
+    server = await start_server(metrics_token=Secret("scrape-me"))
+    assert (await get(f"{server.url}/metrics"))[0] == 401
+    assert (await get(f"{server.url}/metrics", "wrong"))[0] == 401
+    assert (await get(f"{server.url}/metrics", "scrape-me"))[0] == 200
+    status, body = await get(f"{server.url}/health/live")
+    assert status == 200 and '"ok"' in body
+    status, body = await get(f"{server.url}/health/ready")
+    assert status == 200 and '"ready": true' in body
