@@ -29,7 +29,7 @@ _MASKS = (
     (re.compile(r"\bAIza[0-9A-Za-z_-]{10,}"), "AIza***"),
     (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
     (re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), "[card]"),
-    (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), "[phone]"),
+    (re.compile(r"(?<![\w.:])\+?\d[\d ()-]{7,}\d(?![\w.])"), "[phone]"),
 )
 
 

@@ -146,7 +146,10 @@ class ProviderChain:
             while True:
                 timeout = self._first_token_timeout if first else self._idle_timeout
                 try:
-                    event = await asyncio.wait_for(anext(stream), timeout)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that lands
+                    # as the next delta arrives, and stop-generation must always win.
+                    async with asyncio.timeout(timeout):
+                        event = await anext(stream)
                 except StopAsyncIteration:
                     raise ProviderError("stream ended without an answer") from None
                 except TimeoutError:

@@ -182,3 +182,20 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
         if data:
             events.append((name, json.loads("\n".join(data))))
     return events
+
+
+async def test_stop_always_wins_even_mid_redis_write(server, connect, double) -> None:
+    """Cancelling a reply must never be swallowed (redis-py's read-timeout context once ate a third of them)."""
+    double.set_mode("openai", "ok", tokens=400, chunk_delay=0.005)
+    clients = [await joined_client(connect, server.url, f"stopper-{i}") for i in range(15)]
+
+    async def stop_one(client, session_id: str) -> dict:
+        sent = await client.call("send-message", {"sessionId": session_id, "message": "go"})
+        await client.wait_for("message-chunk", count=2)
+        await client.call("stop-generation", {"sessionId": session_id})
+        return (await client.reply_to(sent["messageId"]))["message"]
+
+    messages = await asyncio.gather(*(stop_one(client, session_id) for client, session_id, _ in clients))
+    unstopped = [len(m["content"].split()) for m in messages if not m.get("stopped")]
+    assert unstopped == [], f"replies that ran to {unstopped} tokens despite stop-generation"
+    assert all(len(m["content"].split()) < 400 for m in messages)
