@@ -5,13 +5,7 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = 'supportChat.agentKey';
 const state = { socket: null, key: sessionStorage.getItem(KEY_STORE), current: null, shown: new Set() };
 
-function toast(text) {
-  const el = $('toast');
-  el.textContent = text;
-  el.hidden = false;
-  clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => { el.hidden = true; }, 5000);
-}
+const { toast, loadClient } = window.chatUi;
 
 function setStatus(name, label) {
   $('agent-status').dataset.state = name;
@@ -174,16 +168,6 @@ function wire() {
   $('refresh-tickets').addEventListener('click', loadTickets);
 }
 
-function loadClient() {
-  if (window.io) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const script = document.createElement('script');
-    script.src = document.body.dataset.socketioCdn;
-    script.onload = resolve;
-    script.onerror = reject;
-    document.head.append(script);
-  });
-}
 
 (async () => {
   wire();

@@ -48,13 +48,7 @@ function describe(error) {
   return ERRORS[error.code] || error.message || 'Something went wrong.';
 }
 
-function toast(text) {
-  const el = $('toast');
-  el.textContent = text;
-  el.hidden = false;
-  clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => { el.hidden = true; }, 5000);
-}
+const { toast, loadClient } = window.chatUi;
 
 function setStatus(name, label) {
   const el = $('status');
@@ -339,17 +333,6 @@ function wireSocket(socket) {
   socket.on('chat-error', (e) => toast(describe(e.error)));
 }
 
-// Loads the CDN copy of the client when the local one is missing or failed.
-function loadClient() {
-  if (window.io) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const script = document.createElement('script');
-    script.src = document.body.dataset.socketioCdn;
-    script.onload = resolve;
-    script.onerror = reject;
-    document.head.append(script);
-  });
-}
 
 async function start() {
   wireControls();
