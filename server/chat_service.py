@@ -271,6 +271,12 @@ class ChatService:
 
         if outcome.tokens:
             await _soft(self.sessions.add_tokens(session_id, outcome.tokens), "count tokens")
+        await _soft(
+            self.sessions.count_reply(
+                outcome.provider, outcome.confidence, (time.perf_counter() - started) * 1000, outcome.tokens
+            ),
+            "count the reply for analytics",
+        )
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)
         if outcome.failed:
@@ -397,6 +403,7 @@ class ChatService:
     async def _announce_escalation(self, escalation: Escalation) -> None:
         body = escalation.to_dict()
         self.metrics.escalations.labels(escalation.trigger).inc()
+        await _soft(self.sessions.count_escalation(escalation.session_id, escalation.trigger), "count an escalation")
         await _soft(self.sessions.record_escalation(escalation.session_id, body), "record an escalation")
         await self.broadcaster.emit("escalation-needed", body, escalation.session_id)
         logger.info("session {}: escalated ({}): {}", escalation.session_id, escalation.trigger, escalation.reason)

@@ -44,7 +44,6 @@ class Metrics:
             "support_redis_command_seconds", "Latency of the message-append script", buckets=REDIS_BUCKETS, registry=r
         )
         self.write_behind_depth = Gauge("support_write_behind_depth", "Messages waiting for Redis", registry=r)
-        self.feedback = Counter("support_feedback", "Visitor ratings of replies", ["rating"], registry=r)
 
     def record_attempt(self, provider: str, failed: bool, seconds: float) -> None:
         """One provider attempt finished."""

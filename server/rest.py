@@ -151,6 +151,22 @@ async def export_session(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SESSIONS].export(session_id))
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """Thumbs up or down on a reply, counted in analytics."""
+    data = load(request.app[SCHEMAS].feedback, await json_body(request))
+    await request.app[SESSIONS].authenticate(data["sessionId"], bearer_token(request))
+    entry = await request.app[SESSIONS].record_feedback(
+        data["sessionId"], data["messageId"], data["rating"], data["comment"]
+    )
+    return web.json_response({"sessionId": data["sessionId"], **entry})
+
+
+async def analytics(request: web.Request) -> web.Response:
+    """Per-day figures for the last 30 days (agent key)."""
+    require_agent(request)
+    return web.json_response({"days": await request.app[SESSIONS].analytics(30)})
+
+
 def require_agent(request: web.Request) -> str:
     """The agent's name for the Bearer agent key; customers' session tokens never pass."""
     name = request.app[AGENT_DIRECTORY].name_for(bearer_token(request))
@@ -224,6 +240,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/chat/history/{session_id}", history)
     app.router.add_delete("/api/v1/chat/session/{session_id}", delete_session)
     app.router.add_get("/api/v1/chat/session/{session_id}/export", export_session)
+    app.router.add_post("/api/v1/chat/feedback", feedback)
+    app.router.add_get("/api/v1/analytics", analytics)
     app.router.add_get("/api/v1/tickets", list_tickets)
     app.router.add_get("/api/v1/tickets/{ticket_id}", show_ticket)
     app.router.add_post("/api/v1/tickets/{ticket_id}/resolve", resolve_ticket)

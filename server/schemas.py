@@ -57,6 +57,7 @@ class Schemas:
     agent_message: Schema
     agent_close: Schema
     ticket_resolve: Schema
+    feedback: Schema
 
 
 def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
@@ -129,6 +130,13 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
     class TicketResolveSchema(StrictSchema):
         resolution = CleanString(load_default=None, allow_none=True, validate=validate.Length(max=1000))
 
+    class FeedbackSchema(StrictSchema):
+        sessionId = fields.String(required=True, validate=_ID_PATTERN)
+        messageId = fields.String(required=True, validate=_ID_PATTERN)
+        rating = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
+        comment = CleanString(load_default=None, allow_none=True, validate=validate.Length(max=1000))
+        token = fields.String(validate=validate.Length(max=256))
+
     return Schemas(
         create_session=CreateSessionSchema(),
         send_message=SendMessageSchema(),
@@ -141,6 +149,7 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
         agent_message=AgentMessageSchema(),
         agent_close=AgentCloseSchema(),
         ticket_resolve=TicketResolveSchema(),
+        feedback=FeedbackSchema(),
     )
 
 

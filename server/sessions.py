@@ -9,7 +9,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -250,6 +250,8 @@ class SessionManager:
             )
             pipe.expire(key, self.ttl_seconds)
             pipe.zadd(self._ACTIVE_KEY, {session.id: now * 1000})
+            pipe.hincrby(self._analytics_key(self._today()), "conversations", 1)
+            pipe.expire(self._analytics_key(self._today()), 40 * 86400)
             await pipe.execute()
         return session, token
 
@@ -645,3 +647,118 @@ class SessionManager:
             pipe.hdel(self._QUEUE_ENTRIES_KEY, session_id)
             pipe.zrem(self._AGENT_ACTIVITY_KEY, session_id)
             await pipe.execute()
+
+    # Analytics ----------------------------------------------------------------------------
+    @staticmethod
+    def _analytics_key(day: str) -> str:
+        return f"{PREFIX}:analytics:{day}"
+
+    @staticmethod
+    def _today() -> str:
+        return datetime.now(tz=UTC).strftime("%Y-%m-%d")
+
+    async def count_reply(self, provider: str | None, confidence: float | None, latency_ms: float, tokens: int) -> None:
+        """One answer today: its provider, confidence, latency bucket and tokens, in one round trip."""
+        day = self._today()
+        key = self._analytics_key(day)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, f"provider:{provider or 'none'}", 1)
+            if confidence is not None:
+                pipe.hincrbyfloat(key, "confidenceSum", confidence)
+                pipe.hincrby(key, "confidenceCount", 1)
+            pipe.hincrby(key, f"latency:{latency_bucket(latency_ms)}", 1)
+            if tokens > 0:
+                pipe.hincrby(key, "tokens", tokens)
+            pipe.expire(key, 40 * 86400)
+            await pipe.execute()
+
+    async def count_escalation(self, session_id: str, trigger: str) -> None:
+        """An escalation today; the session stops counting as contained."""
+        day = self._today()
+        key = self._analytics_key(day)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, f"escalation:{trigger}", 1)
+            pipe.sadd(f"{key}:escalated", session_id)
+            pipe.expire(key, 40 * 86400)
+            pipe.expire(f"{key}:escalated", 40 * 86400)
+            await pipe.execute()
+
+    async def record_feedback(self, session_id: str, message_id: str, rating: str, comment: str | None) -> dict[str, Any]:
+        """Keep one rating per reply (a new one replaces it) and count it for the day it was given."""
+        position = await self.redis.hget(self._index_key(session_id), message_id)
+        message = None
+        if position is not None:
+            raw = await self.redis.lindex(self._history_key(session_id), int(position))
+            message = orjson.loads(raw) if raw else None
+        if message is None or message.get("role") != "assistant":
+            raise ApiError("not_found", "No such reply in this session.")
+        feedback_key = f"{PREFIX}:feedback:{{{session_id}}}"
+        entry = {"messageId": message_id, "rating": rating, "comment": comment, "createdAt": now_iso()}
+        previous = await self.redis.hget(feedback_key, message_id)
+        key = self._analytics_key(self._today())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(feedback_key, message_id, orjson.dumps(entry))
+            pipe.expire(feedback_key, self.ttl_seconds)
+            if previous is not None:
+                pipe.hincrby(key, f"feedback:{orjson.loads(previous)['rating']}", -1)
+            pipe.hincrby(key, f"feedback:{rating}", 1)
+            pipe.expire(key, 40 * 86400)
+            await pipe.execute()
+        return entry
+
+    async def analytics(self, days: int = 30) -> list[dict[str, Any]]:
+        """Per-day figures for the last `days` days, newest last."""
+        today = datetime.now(tz=UTC).date()
+        dates = [(today - timedelta(days=offset)).isoformat() for offset in range(days - 1, -1, -1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in dates:
+                pipe.hgetall(self._analytics_key(day))
+                pipe.scard(f"{self._analytics_key(day)}:escalated")
+            raw = await pipe.execute()
+        return [summarize_day(day, raw[i * 2], int(raw[i * 2 + 1])) for i, day in enumerate(dates)]
+
+
+LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+def latency_bucket(ms: float) -> int:
+    """The upper edge of the bucket a latency falls in (cheap percentiles without storing samples)."""
+    for edge in LATENCY_BUCKETS_MS:
+        if ms <= edge:
+            return edge
+    return 120000
+
+
+def summarize_day(day: str, raw: dict[bytes, bytes], escalated_sessions: int) -> dict[str, Any]:
+    """One day's stored counters as the analytics answer shows them."""
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    conversations = int(fields.get("conversations", 0))
+    providers = {k.split(":", 1)[1]: int(v) for k, v in fields.items() if k.startswith("provider:")}
+    replies = sum(providers.values())
+    buckets = sorted((int(k.split(":", 1)[1]), int(v)) for k, v in fields.items() if k.startswith("latency:"))
+
+    def percentile(q: float) -> int | None:
+        total = sum(n for _, n in buckets)
+        if not total:
+            return None
+        seen = 0
+        for edge, n in buckets:
+            seen += n
+            if seen >= q * total:
+                return edge
+        return buckets[-1][0]
+
+    up, down = int(fields.get("feedback:up", 0)), int(fields.get("feedback:down", 0))
+    confidence_count = int(fields.get("confidenceCount", 0))
+    return {
+        "date": day,
+        "conversations": conversations,
+        "containmentRate": None if not conversations else round(max(0.0, 1 - escalated_sessions / conversations), 4),
+        "escalations": {k.split(":", 1)[1]: int(v) for k, v in fields.items() if k.startswith("escalation:")},
+        "replies": replies,
+        "providerShare": {name: round(n / replies, 4) for name, n in providers.items()} if replies else {},
+        "meanConfidence": round(float(fields["confidenceSum"]) / confidence_count, 4) if confidence_count else None,
+        "tokensUsed": int(fields.get("tokens", 0)),
+        "replyLatencyMs": {"p50": percentile(0.5), "p95": percentile(0.95)},
+        "feedback": {"up": up, "down": down, "score": round((up - down) / (up + down), 4) if up + down else None},
+    }

@@ -107,6 +107,7 @@ class CustomerEvents:
             "escalate": self.escalate,
             "stop-generation": self.stop_generation,
             "provide-contact": self.provide_contact,
+            "feedback": self.feedback,
         }
         for event in AGENT_ONLY_EVENTS:
             handlers[event] = self.agent_only
@@ -190,3 +191,9 @@ class CustomerEvents:
     async def agent_only(self, sid: str, payload: Any) -> dict[str, Any]:
         """Agent events on the customers' namespace are refused, whatever the payload."""
         raise ApiError("unauthorized", "Agent events need the /agents namespace and an agent key.")
+
+    async def feedback(self, sid: str, payload: Any) -> dict[str, Any]:
+        data = load(self.schemas.feedback, payload)
+        await self._joined(sid, data["sessionId"])
+        await self.sessions.record_feedback(data["sessionId"], data["messageId"], data["rating"], data["comment"])
+        return {}

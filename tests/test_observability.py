@@ -54,3 +54,39 @@ async def test_metrics_token_and_health_probes(start_server) -> None:
     assert status == 200 and '"ok"' in body
     status, body = await get(f"{server.url}/health/ready")
     assert status == 200 and '"ready": true' in body
+
+
+async def test_feedback_and_analytics(start_server, connect, double) -> None:
+    server = await start_server(agent_api_keys=(("ana", Secret("ana-key")),))
+    client, session_id, token = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
+    reply = (await client.reply_to(sent["messageId"]))["message"]
+    assert (await client.call("feedback", {"sessionId": session_id, "messageId": reply["id"], "rating": "down"}))["ok"]
+    ack = await client.call("feedback", {"sessionId": session_id, "messageId": sent["messageId"], "rating": "up"})
+    assert ack["ok"] is False and ack["error"]["code"] == "not_found"  # only replies are rated
+    ack = await client.call("feedback", {"sessionId": session_id, "messageId": reply["id"], "rating": "meh"})
+    assert ack["ok"] is False and ack["error"]["code"] == "validation_error"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{server.url}/api/v1/chat/feedback",
+            json={"sessionId": session_id, "messageId": reply["id"], "rating": "up", "comment": "thanks"},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200 and (await response.json())["rating"] == "up"
+        second, other_id, _ = await joined_client(connect, server.url, "u2")
+        await second.call("escalate", {"sessionId": other_id})
+        await second.wait_for("escalation-needed")
+        assert (await get(f"{server.url}/api/v1/analytics", token))[0] == 401
+        status, text = await get(f"{server.url}/api/v1/analytics", "ana-key")
+    assert status == 200
+    import json
+
+    days = json.loads(text)["days"]
+    assert len(days) == 30
+    today = days[-1]
+    assert today["conversations"] == 2 and today["containmentRate"] == 0.5
+    assert today["escalations"] == {"user_request": 1}
+    assert today["providerShare"] == {"openai": 1.0} and today["replies"] == 1
+    assert 0.9 < today["meanConfidence"] <= 1 and today["tokensUsed"] > 0
+    assert today["replyLatencyMs"]["p50"] is not None
+    assert today["feedback"] == {"up": 1, "down": 0, "score": 1.0}  # the later rating replaced the first
