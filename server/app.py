@@ -32,6 +32,7 @@ from server.keys import (
     HANDOFF,
     HEALTH,
     METRICS,
+    OPENAPI,
     RATE_LIMITS,
     REDIS,
     SCHEMAS,
@@ -48,6 +49,7 @@ from server.middleware import (
     errors_middleware,
     no_ws_compression_middleware,
 )
+from server.openapi import build_openapi
 from server.pages import setup_pages
 from server.prompt import PromptBuilder
 from server.provider_chain import ProviderChain
@@ -230,6 +232,7 @@ def create_app(settings: Settings) -> web.Application:
     app[AGENT_DIRECTORY] = directory
     app[AGENT_EVENTS] = agents
     app[SCHEMAS] = schemas
+    app[OPENAPI] = build_openapi(schemas)
     app[SESSIONS] = sessions
     app[CHAIN] = chain
     app[CHAT_SERVICE] = chat

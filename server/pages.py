@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from server import __version__
-from server.keys import SETTINGS
+from server.keys import OPENAPI, SETTINGS
 from server.settings import PROJECT_ROOT
 
 PUBLIC_DIR = PROJECT_ROOT / "public"
@@ -54,6 +54,14 @@ async def agent_console(request: web.Request) -> web.StreamResponse:
     return _render("agent.html", request)
 
 
+async def api_docs(request: web.Request) -> web.StreamResponse:
+    """A readable page of the REST API, rendered from the same OpenAPI document."""
+    response = aiohttp_jinja2.render_template(
+        "docs.html", request, {"spec": request.app[OPENAPI], "store_name": request.app[SETTINGS].store_name}
+    )
+    return _page_headers(response)
+
+
 async def socketio_client(request: web.Request) -> web.StreamResponse:
     """The browser client library from the npm package."""
     if not SOCKETIO_CLIENT.exists():
@@ -67,6 +75,7 @@ def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/agent", agent_console)
     app.router.add_get("/agent.html", agent_console)
+    app.router.add_get("/api/v1/docs", api_docs)
     app.router.add_get("/vendor/socket.io.min.js", socketio_client)
     app.router.add_static("/static/", public_dir, show_index=False)
     app.on_response_prepare.append(_static_headers)

@@ -18,6 +18,7 @@ from server.keys import (
     HANDOFF,
     HEALTH,
     METRICS,
+    OPENAPI,
     RATE_LIMITS,
     SCHEMAS,
     SESSIONS,
@@ -232,6 +233,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=registry.render(refresh), headers={"Content-Type": CONTENT_TYPE})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document, generated at start-up from the marshmallow schemas."""
+    return web.json_response(request.app[OPENAPI])
+
+
 def add_routes(app: web.Application) -> None:
     """Every REST route in one place."""
     app.router.add_post("/api/v1/chat/session", create_session)
@@ -242,6 +248,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/chat/session/{session_id}/export", export_session)
     app.router.add_post("/api/v1/chat/feedback", feedback)
     app.router.add_get("/api/v1/analytics", analytics)
+    app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/api/v1/tickets", list_tickets)
     app.router.add_get("/api/v1/tickets/{ticket_id}", show_ticket)
     app.router.add_post("/api/v1/tickets/{ticket_id}/resolve", resolve_ticket)
