@@ -54,6 +54,11 @@ async def agent_console(request: web.Request) -> web.StreamResponse:
     return _render("agent.html", request)
 
 
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    """Charts of the analytics (the data needs an agent key)."""
+    return _render("dashboard.html", request)
+
+
 async def api_docs(request: web.Request) -> web.StreamResponse:
     """A readable page of the REST API, rendered from the same OpenAPI document."""
     response = aiohttp_jinja2.render_template(
@@ -76,6 +81,8 @@ def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR) -> None:
     app.router.add_get("/agent", agent_console)
     app.router.add_get("/agent.html", agent_console)
     app.router.add_get("/api/v1/docs", api_docs)
+    app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/dashboard.html", dashboard)
     app.router.add_get("/vendor/socket.io.min.js", socketio_client)
     app.router.add_static("/static/", public_dir, show_index=False)
     app.on_response_prepare.append(_static_headers)

@@ -130,3 +130,23 @@ async def test_agent_console_and_customer_page_together(browser, start_server, d
     await expect(agent.locator("#transcript")).to_contain_text("thanks Alex", timeout=10000)
     await agent.click("#release")
     await expect(customer.locator('.msg[data-role="system"]').last).to_contain_text("assistant is back", timeout=10000)
+
+
+async def test_dashboard_draws_the_analytics(browser, start_server, connect, double) -> None:
+    from tests.conftest import joined_client
+
+    server = await start_server(agent_api_keys=(("ana", Secret("ana-key")),))
+    client, session_id, _ = await joined_client(connect, server.url)
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
+    await client.reply_to(sent["messageId"])
+    page = await (await browser.new_context()).new_page()
+    await page.goto(server.url + "/dashboard")
+    await page.fill("#agent-key", "wrong")
+    await page.click("#dash-load")
+    await expect(page.locator("#dash-status")).to_have_text("Key refused")
+    await page.fill("#agent-key", "ana-key")
+    await page.click("#dash-load")
+    await expect(page.locator("#dash-status")).to_have_text("Signed in")
+    await expect(page.locator(".chart")).to_have_count(8)
+    await expect(page.locator('.chart[data-metric="Conversations"] rect')).to_have_count(1)
+    await expect(page.locator("#totals")).to_contain_text("1conversations")
