@@ -269,13 +269,15 @@ class ChatService:
             await stream.close()
             await self._typing(session_id, False)
 
-        if outcome.tokens:
-            await _soft(self.sessions.add_tokens(session_id, outcome.tokens), "count tokens")
         await _soft(
             self.sessions.count_reply(
-                outcome.provider, outcome.confidence, (time.perf_counter() - started) * 1000, outcome.tokens
+                session_id,
+                outcome.provider,
+                outcome.confidence,
+                (time.perf_counter() - started) * 1000,
+                outcome.tokens,
             ),
-            "count the reply for analytics",
+            "count the reply (tokens, analytics)",
         )
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)
@@ -286,7 +288,8 @@ class ChatService:
         for message in replies:
             await self.store.append(session_id, message)
             self.metrics.messages.labels("out").inc()
-        await _soft(self.sessions.clear_in_flight(session_id, stream.message_id), "clear the streamed text")
+        if stream.snapshot_saved:
+            await _soft(self.sessions.clear_in_flight(session_id, stream.message_id), "clear the streamed text")
         for position, message in enumerate(replies):
             last = position == len(replies) - 1
             payload = {

@@ -50,6 +50,7 @@ class ReplyStream:
         self._index = -1
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.snapshot_saved = False
 
     @property
     def chunks_sent(self) -> int:
@@ -77,8 +78,12 @@ class ReplyStream:
         except Exception as err:  # a failed emit must not become an orphan task error
             logger.warning("session {}: chunk flush failed: {}", self.session_id, type(err).__name__)
 
-    async def flush(self) -> None:
-        """Send what waits as one chunk; Redis first, so a rejoin never misses text it was not sent."""
+    async def flush(self, *, final: bool = False) -> None:
+        """Send what waits as one chunk; Redis first, so a rejoin never misses text it was not sent.
+
+        The final flush skips the snapshot: the whole message is stored right after it, and a socket that
+        joins in between is already in the room when `message-received` goes out.
+        """
         async with self._lock:
             if self._timer is not None and self._timer is not asyncio.current_task():
                 self._timer.cancel()
@@ -98,9 +103,11 @@ class ReplyStream:
                 "reset": reset,
             }
             try:
-                await self._sessions.save_in_flight(
-                    self.session_id, self.message_id, self.text, self._index, self.provider or ""
-                )
+                if not final:
+                    await self._sessions.save_in_flight(
+                        self.session_id, self.message_id, self.text, self._index, self.provider or ""
+                    )
+                    self.snapshot_saved = True
             except Exception as err:  # the snapshot only serves rejoins; the live chunk still goes out
                 logger.warning("session {}: could not save streamed text: {}", self.session_id, type(err).__name__)
             await self._broadcaster.emit("message-chunk", payload, self.session_id)
@@ -129,4 +136,4 @@ class ReplyStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
             self._timer = None
-        await self.flush()
+        await self.flush(final=True)

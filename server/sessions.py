@@ -336,17 +336,6 @@ class SessionManager:
     def _day_tokens_key(day: str | None = None) -> str:
         return f"{PREFIX}:tokens:{day or datetime.now(tz=UTC).strftime('%Y-%m-%d')}"
 
-    async def add_tokens(self, session_id: str, count: int) -> None:
-        """Provider tokens used (as the SDKs report them), per session and per day."""
-        if count <= 0:
-            return
-        day_key = self._day_tokens_key()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self._session_key(session_id), "tokens", count)
-            pipe.incrby(day_key, count)
-            pipe.expire(day_key, 3 * 86400)
-            await pipe.execute()
-
     async def tokens_today(self) -> int:
         """Provider tokens used today, across processes."""
         return int(await self.redis.get(self._day_tokens_key()) or 0)
@@ -657,11 +646,17 @@ class SessionManager:
     def _today() -> str:
         return datetime.now(tz=UTC).strftime("%Y-%m-%d")
 
-    async def count_reply(self, provider: str | None, confidence: float | None, latency_ms: float, tokens: int) -> None:
-        """One answer today: its provider, confidence, latency bucket and tokens, in one round trip."""
+    async def count_reply(
+        self, session_id: str, provider: str | None, confidence: float | None, latency_ms: float, tokens: int
+    ) -> None:
+        """One answer: tokens for the budgets, and provider, confidence and latency for analytics, in one round trip."""
         day = self._today()
         key = self._analytics_key(day)
         async with self.redis.pipeline(transaction=False) as pipe:
+            if tokens > 0:
+                pipe.hincrby(self._session_key(session_id), "tokens", tokens)
+                pipe.incrby(self._day_tokens_key(day), tokens)
+                pipe.expire(self._day_tokens_key(day), 3 * 86400)
             pipe.hincrby(key, f"provider:{provider or 'none'}", 1)
             if confidence is not None:
                 pipe.hincrbyfloat(key, "confidenceSum", confidence)
