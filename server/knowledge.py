@@ -1,18 +1,67 @@
-"""Ranked search over the shipped knowledge base (SQLite FTS5 with bm25)."""
+"""Ranked search over the shipped knowledge base (SQLite FTS5 with bm25), with a 0..1 confidence per match.
+
+Files are Markdown: `# Topic`, then one `## Question` heading per entry with its answer below, and an
+optional `Keywords: a, b, c` line that adds search terms without being shown.
+
+How a match is scored:
+
+* coverage (0..1): the share of the query's content words that the entry contains, each word weighted by
+  its rarity in the base (a smoothed idf), so a matched "klarna" counts for more than a matched "order",
+  and a word no entry contains ("mars", "pizza") pulls the score down. A word found only in the answer,
+  not in the question or keywords, earns ANSWER_ONLY_CREDIT of its weight.
+* strength (0..1): FTS5's bm25 rank (question 3.0, answer 1.0, keywords 2.0) through x / (x + k),
+  x = -bm25, which is monotonic in bm25 and saturates.
+
+score = coverage * (0.6 + 0.4 * strength): an entry that contains none of the words scores 0, one that
+contains all of them scores 0.6 to 1.0 depending on how strongly bm25 ranks it. Results come best first
+by that score, bm25 breaking ties.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
+import threading
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-_KEYWORDS = re.compile(r"^Keywords:(.*)$", re.MULTILINE | re.IGNORECASE)
-_STOP_WORDS = frozenset(
-    "a an and are as at be by can could do does for from have how i if in is it its me my of on or our "
-    "so that the their them there this to was we what when where which who why will with would you your "
-    "please hi hello hey thanks thank many much until get got any some just also about still yet very".split()
+from loguru import logger
+
+QUESTION_WEIGHT = 3.0
+ANSWER_WEIGHT = 1.0
+KEYWORDS_WEIGHT = 2.0
+COVERAGE_FLOOR = 0.6
+ANSWER_ONLY_CREDIT = 0.85
+# x / (x + k): one rare word matched in a question (-bm25 ~ 8) gives 0.5, several give 0.7-0.8.
+STRENGTH_HALF_POINT = 8.0
+MAX_QUERY_TERMS = 32
+MAX_TERM_CHARS = 40
+CANDIDATES = 50
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+
+_TOKEN = re.compile(r"[^\W_]+")
+_HEADING = re.compile(r"^(#{1,2})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+_KEYWORDS_LINE = re.compile(r"^[ \t]*keywords[ \t]*:(.*)$", re.MULTILINE | re.IGNORECASE)
+
+STOP_WORDS = frozenset(
+    """
+    a about above after again all also am an and any are aren as at be because been before being below between both
+    but by can cannot could couldn d did didn do does doesn doing don done down during each either else ever every
+    few for from further get gets getting got had hadn has hasn have haven having he her here hers herself him himself
+    his how i if in into is isn it its itself just ll m me might mine more most much must mustn my myself need needs
+    near neither no nor not now of off oh ok okay on once only or other ought our ours ourselves out over own please
+    pls plz re really s same shall shan she should shouldn so some such t than that thats the their theirs them
+    themselves then there these they this those through to too under until up upon us ve very want wanted wants was
+    wasn way we were weren what whats whether which while who whom whose will with within won would wouldn y yet you
+    your yours yourself yourselves hi hello hey hiya howdy thanks thank thx cheers dear know like tell help question
+    questions anyone someone something anything possible able many never come comes came coming go goes going went
+    gone take takes took taken say says said see let lets thing things stuff wondering wonder trying tried try think
+    thought remember maybe actually yes yeah sure well even since one last ago already yesterday today tonight
+    week weeks month months year years nothing everything everyone guys
+    """.split()
 )
 
 
@@ -24,85 +73,139 @@ class KnowledgeEntry:
     topic: str
     question: str
     answer: str
-    keywords: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class KnowledgeMatch:
-    """An entry with a 0..1 confidence that it answers the query."""
+    """An entry together with a 0..1 confidence that it answers the query."""
 
     entry: KnowledgeEntry
     score: float
 
 
 def terms(text: str) -> list[str]:
-    """Plain lowercase content words; FTS operators and punctuation never reach the engine."""
-    return [w for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in _STOP_WORDS and len(w) > 1]
+    """The plain content words of free text: lowercased, stop words dropped, each once, in order of appearance."""
+    normalized = unicodedata.normalize("NFKC", text).casefold()
+    seen: dict[str, None] = {}
+    for match in _TOKEN.finditer(normalized):
+        word = match.group(0)
+        if 1 < len(word) <= MAX_TERM_CHARS and word not in STOP_WORDS:
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def parse_markdown(text: str, stem: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """Split one knowledge file into its topic and its (question, answer, keywords) triples."""
+    topic = ""
+    entries: list[tuple[str, str, str]] = []
+    headings = list(_HEADING.finditer(text))
+    for position, heading in enumerate(headings):
+        level, title = heading.group(1), heading.group(2).strip()
+        if level == "#":
+            topic = topic or title
+            continue
+        end = headings[position + 1].start() if position + 1 < len(headings) else len(text)
+        body = text[heading.end() : end]
+        keywords = " ".join(line.replace(",", " ").strip() for line in _KEYWORDS_LINE.findall(body))
+        answer = _KEYWORDS_LINE.sub("", body).strip()
+        if title and answer:
+            entries.append((title, answer, keywords))
+    return topic or stem.replace("_", " ").replace("-", " ").title(), entries
+
+
+def term_weight(document_frequency: int, total: int) -> float:
+    """Smoothed idf of a query word: high for a rare or unknown word, near zero for one in every entry."""
+    return math.log(1.0 + (total - document_frequency + 0.5) / (document_frequency + 0.5))
+
+
+def strength_from_bm25(rank: float) -> float:
+    """Map FTS5's bm25 (negative, lower is better) onto 0..1, monotonically: x / (x + k) with x = -bm25."""
+    x = max(0.0, -float(rank))
+    return x / (x + STRENGTH_HALF_POINT)
 
 
 class KnowledgeBase:
     """Ranked search over the shipped knowledge base."""
 
-    def __init__(self, entries: list[KnowledgeEntry]) -> None:
-        self.entries = entries
+    def __init__(self, entries: Sequence[KnowledgeEntry], keywords: Sequence[str] = ()) -> None:
+        self._entries = tuple(entries)
+        extra = [*keywords, *([""] * max(0, len(self._entries) - len(keywords)))]
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
-        self._db.execute(
-            "CREATE VIRTUAL TABLE kb USING fts5(question, answer, keywords, "
-            "tokenize = 'porter unicode61 remove_diacritics 2')"
-        )
+        self._db.execute(f"CREATE VIRTUAL TABLE kb USING fts5(question, answer, keywords, tokenize = '{TOKENIZER}')")
         self._db.executemany(
             "INSERT INTO kb(rowid, question, answer, keywords) VALUES (?, ?, ?, ?)",
-            [(i, e.question, e.answer, f"{e.topic} {e.keywords}") for i, e in enumerate(entries)],
+            [(i, e.question, e.answer, f"{e.topic} {extra[i]}") for i, e in enumerate(self._entries)],
         )
-        self._stems = [set(self._stemmed(f"{e.question} {e.answer} {e.topic} {e.keywords}")) for e in entries]
+        self._db.commit()
 
     @classmethod
     def from_directory(cls, path: Path, *, store_name: str = "Northwind Goods") -> KnowledgeBase:
-        """Load every `*.md` file: `# Topic`, then `## Question` headings each followed by its answer."""
+        """Load every `*.md` file of a directory with `{store_name}` filled in; unreadable or empty files are skipped."""
+        directory = Path(path)
         entries: list[KnowledgeEntry] = []
-        for file in sorted(Path(path).glob("*.md")) if Path(path).is_dir() else []:
-            text = file.read_text(encoding="utf-8").replace("{store_name}", store_name)
-            topic_match = re.search(r"^# (.+)$", text, re.MULTILINE)
-            topic = topic_match.group(1).strip() if topic_match else file.stem
-            for index, block in enumerate(re.split(r"^## ", text, flags=re.MULTILINE)[1:]):
-                question, _, answer = block.partition("\n")
-                keywords = " ".join(k.strip() for k in _KEYWORDS.findall(answer))
-                answer = _KEYWORDS.sub("", answer).strip()
-                if question.strip() and answer:
-                    entries.append(
-                        KnowledgeEntry(f"{file.stem}-{index}", topic, question.strip(), answer, keywords.replace(",", " "))
-                    )
-        return cls(entries)
+        keywords: list[str] = []
+        files = sorted(directory.glob("*.md")) if directory.is_dir() else []
+        if not files:
+            logger.warning("knowledge base: no .md files in {}", directory)
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                logger.warning("knowledge base: skipped {} ({})", file.name, type(err).__name__)
+                continue
+            topic, parsed = parse_markdown(text.replace("{store_name}", store_name), file.stem)
+            if not parsed:
+                logger.warning("knowledge base: skipped {} (no '## ' question with an answer)", file.name)
+            for index, (question, answer, extra) in enumerate(parsed, start=1):
+                entries.append(KnowledgeEntry(f"{file.stem}-{index}", topic, question, answer))
+                keywords.append(extra)
+        return cls(entries, keywords)
+
+    @property
+    def entries(self) -> tuple[KnowledgeEntry, ...]:
+        """Every loaded entry, in file order."""
+        return self._entries
 
     def __len__(self) -> int:
-        return len(self.entries)
-
-    @staticmethod
-    def _stemmed(text: str) -> list[str]:
-        return [_stem(t) for t in terms(text)]
+        return len(self._entries)
 
     def search(self, query: str, limit: int = 3) -> list[KnowledgeMatch]:
         """The best entries for a free-text query, best first; never raises on odd input."""
-        words = terms(query)
-        if not words or not self.entries:
+        words = terms(query if isinstance(query, str) else str(query))[:MAX_QUERY_TERMS]
+        if not words or not self._entries or limit < 1:
             return []
-        match = " OR ".join('"' + w.replace('"', "") + '"' for w in words)
-        rows = self._db.execute(
-            "SELECT rowid, bm25(kb, 3.0, 1.0, 2.0) FROM kb WHERE kb MATCH ? ORDER BY 2 LIMIT ?",
-            (match, max(1, limit)),
+        try:
+            with self._lock:
+                return self._search(words, limit)
+        except sqlite3.Error as err:  # defensive only: the engine sees nothing but quoted plain words
+            logger.warning("knowledge base search failed: {}", err)
+            return []
+
+    def _search(self, words: list[str], limit: int) -> list[KnowledgeMatch]:
+        rows_with = {word: self._rows(_phrase(word)) for word in words}
+        if not any(rows_with.values()):
+            return []
+        rows_headed = {word: self._rows("{question keywords} : " + _phrase(word)) for word in words}
+        weight = {word: term_weight(len(rows), len(self._entries)) for word, rows in rows_with.items()}
+        total_weight = sum(weight.values())
+        candidates = self._db.execute(
+            "SELECT rowid, bm25(kb, ?, ?, ?) AS rank FROM kb WHERE kb MATCH ? ORDER BY rank LIMIT ?",
+            (QUESTION_WEIGHT, ANSWER_WEIGHT, KEYWORDS_WEIGHT, " OR ".join(_phrase(w) for w in words), CANDIDATES),
         ).fetchall()
-        query_stems = {_stem(w) for w in words}
-        results = []
-        for rowid, rank in rows:
-            coverage = len(query_stems & self._stems[rowid]) / len(query_stems)
-            strength = -rank / (-rank + 4.0)
-            results.append(KnowledgeMatch(self.entries[rowid], round(0.65 * coverage + 0.35 * strength, 3)))
-        return sorted(results, key=lambda m: m.score, reverse=True)
+        ranked: list[tuple[float, float, int]] = []
+        for row, rank in candidates:
+            found = sum(weight[w] * (1.0 if row in rows_headed[w] else ANSWER_ONLY_CREDIT) for w in words if row in rows_with[w])
+            coverage = found / total_weight
+            score = coverage * (COVERAGE_FLOOR + (1.0 - COVERAGE_FLOOR) * strength_from_bm25(rank))
+            ranked.append((min(1.0, max(0.0, score)), rank, row))
+        ranked.sort(key=lambda item: (-item[0], item[1]))
+        return [KnowledgeMatch(self._entries[row], round(score, 3)) for score, _, row in ranked[:limit]]
+
+    def _rows(self, match: str) -> set[int]:
+        return {row for (row,) in self._db.execute("SELECT rowid FROM kb WHERE kb MATCH ?", (match,))}
 
 
-def _stem(word: str) -> str:
-    """A light suffix stripper so 'refunds' and 'refund' count as the same term in coverage."""
-    for suffix in ("ing", "ed", "es", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word
+def _phrase(word: str) -> str:
+    """One FTS5 string literal: the word in double quotes, any quote doubled (terms never hold one)."""
+    return '"' + word.replace('"', '""') + '"'
