@@ -45,5 +45,9 @@ chromium:
 		else echo "chromium missing and cannot be installed here: browser tests will be skipped"; fi; \
 	fi
 
+# Side-by-side benchmarks (needs node and npm for the peer and its load driver).
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) node_modules data
