@@ -107,7 +107,8 @@ def main() -> None:
         for proc in procs:
             proc.terminate()
     (RESULTS / "latest.json").write_text(json.dumps(rows, indent=1))
-    print(f"{'scenario':28} {'target':24} {'replies/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu %':>6} {'rss MB':>7} {'KB/sock':>8}")
+    header = ("scenario", "target", "replies/s", "p50 ms", "p99 ms", "cpu %", "rss MB", "KB/sock")
+    print(f"{header[0]:28} {header[1]:24} " + " ".join(f"{h:>8}" for h in header[2:]))
     for row in rows:
         lat = row.get("latencyMs") or {}
         print(f"{row['scenario']:28} {row['target']:24} {row.get('repliesPerSec', row.get('sentRate', '-'))!s:>10} "
