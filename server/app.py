@@ -63,7 +63,7 @@ from server.rest import add_routes
 from server.schemas import build_schemas
 from server.sessions import SessionManager
 from server.settings import Settings
-from server.socket_manager import GuardedRedisManager
+from server.socket_manager import DirectEmitManager, GuardedRedisManager
 from server.socket_server import ChatSocketServer
 from server.sockets import CustomerEvents
 from server.summary import ConversationSummarizer
@@ -149,9 +149,9 @@ def create_app(settings: Settings) -> web.Application:
     app[EMBEDDED_REDIS] = embedded
     app[REDIS] = redis
 
-    manager = GuardedRedisManager(settings.redis_url) if settings.scaled_out and settings.redis_url else None
+    redis_manager = GuardedRedisManager(settings.redis_url) if settings.scaled_out and settings.redis_url else None
     sio = ChatSocketServer(
-        client_manager=manager,
+        client_manager=redis_manager or DirectEmitManager(),
         async_mode="aiohttp",
         cors_allowed_origins=list(settings.cors_origins) or None,
         max_http_buffer_size=max(settings.max_body_bytes, settings.max_message_length * 4 + 4096),
@@ -173,7 +173,7 @@ def create_app(settings: Settings) -> web.Application:
         request_timeout=settings.ai_request_timeout,
         first_token_timeout=settings.ai_first_token_timeout,
         idle_timeout=settings.ai_stream_idle_timeout,
-        record_attempt=lambda name, failed, seconds: _record_attempt(metrics, sessions, name, failed, seconds),
+        record_attempt=metrics.record_attempt,
         on_first_token=lambda name, seconds: metrics.time_to_first_token.labels(name).observe(seconds),
     )
     schemas = build_schemas(settings.max_message_length, settings.metadata_max_bytes)
@@ -244,7 +244,7 @@ def create_app(settings: Settings) -> web.Application:
         chain=chain,
         connected_clients=lambda: customers.connected,
         instance_id=instance_id,
-        pubsub_healthy=(lambda: manager.healthy) if manager is not None else None,
+        pubsub_healthy=(lambda: redis_manager.healthy) if redis_manager is not None else None,
         token_budget_per_day=settings.token_budget_per_day,
         write_behind=store,
     )
@@ -254,12 +254,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_graceful_shutdown)
     return app
-
-
-async def _record_attempt(metrics: Metrics, sessions: SessionManager, name: str, failed: bool, seconds: float) -> None:
-    """Provider attempts feed both the scrape metrics and the shared usage counters."""
-    metrics.record_attempt(name, failed, seconds)
-    await sessions.count_provider_call(name, failed=failed)
 
 
 async def _graceful_shutdown(app: web.Application) -> None:

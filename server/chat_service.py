@@ -70,6 +70,7 @@ class _Outcome:
     stopped: bool = False
     reasons: tuple[str, ...] = field(default_factory=tuple)
     tokens: int = 0
+    attempts: tuple[tuple[str, bool], ...] = ()
 
 
 class ChatService:
@@ -269,27 +270,23 @@ class ChatService:
             await stream.close()
             await self._typing(session_id, False)
 
-        await _soft(
-            self.sessions.count_reply(
-                session_id,
-                outcome.provider,
-                outcome.confidence,
-                (time.perf_counter() - started) * 1000,
-                outcome.tokens,
-            ),
-            "count the reply (tokens, analytics)",
-        )
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)
         if outcome.failed:
             escalation = escalation or self.rules.for_failure(session_id)
         elif not outcome.stopped:
             escalation = escalation or self.rules.for_reply(session_id, outcome.confidence)
-        for message in replies:
-            await self.store.append(session_id, message)
-            self.metrics.messages.labels("out").inc()
-        if stream.snapshot_saved:
-            await _soft(self.sessions.clear_in_flight(session_id, stream.message_id), "clear the streamed text")
+        await self.store.finish_reply(
+            session_id,
+            replies,
+            streamed_id=stream.message_id if stream.snapshot_saved else None,
+            attempts=outcome.attempts,
+            provider=outcome.provider,
+            confidence=outcome.confidence,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            tokens=outcome.tokens,
+        )
+        self.metrics.messages.labels("out").inc(len(replies))
         for position, message in enumerate(replies):
             last = position == len(replies) - 1
             payload = {
@@ -362,10 +359,17 @@ class ChatService:
                         provider=event.provider,
                         confidence=event.confidence,
                         tokens=event.input_tokens + event.output_tokens,
+                        attempts=event.attempts,
                     )
                 elif isinstance(event, ChainFailed):
                     await stream.close()
-                    return _Outcome(text=event.partial, provider=stream.provider, failed=True, reasons=event.reasons)
+                    return _Outcome(
+                        text=event.partial,
+                        provider=stream.provider,
+                        failed=True,
+                        reasons=event.reasons,
+                        attempts=event.attempts,
+                    )
         raise RuntimeError("provider chain ended without an outcome")
 
     @staticmethod

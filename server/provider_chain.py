@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from loguru import logger
@@ -40,6 +40,7 @@ class ChainDone:
     confidence: float | None
     input_tokens: int
     output_tokens: int
+    attempts: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,12 @@ class ChainFailed:
 
     partial: str
     reasons: tuple[str, ...]
+    attempts: tuple[tuple[str, bool], ...] = ()
 
 
 ChainEvent = ChainDelta | ChainInterrupted | ChainDone | ChainFailed
-AttemptRecorder = Callable[[str, bool, float], Awaitable[None]]
+AttemptRecorder = Callable[[str, bool, float], None]
+"""Told of every provider attempt (name, failed, seconds); the attempts also travel with the outcome."""
 
 
 class ProviderChain:
@@ -84,6 +87,7 @@ class ProviderChain:
     async def stream(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> AsyncIterator[ChainEvent]:
         """Yield the answer as it is written, failing over before or after the first delta."""
         reasons: list[str] = []
+        attempts: list[tuple[str, bool]] = []
         partial = ""
         written_before = False
         for provider in self.providers:
@@ -105,14 +109,19 @@ class ProviderChain:
                             parts.append(event.text)
                             continue
                         breaker.record_success()
-                        await self._record(provider.name, False, started)
+                        self._record(attempts, provider.name, False, started)
                         yield ChainDone(
-                            provider.name, "".join(parts), event.confidence, event.input_tokens, event.output_tokens
+                            provider.name,
+                            "".join(parts),
+                            event.confidence,
+                            event.input_tokens,
+                            event.output_tokens,
+                            tuple(attempts),
                         )
                         return
             except ProviderError as err:
                 breaker.record_failure(err.retry_after)
-                await self._record(provider.name, True, started)
+                self._record(attempts, provider.name, True, started)
                 reasons.append(f"{provider.name}: {err.reason}")
                 logger.warning(
                     "provider {} failed after {:.0f} ms: {} (circuit {})",
@@ -128,41 +137,42 @@ class ProviderChain:
             except BaseException:
                 breaker.release_trial()
                 raise
-        yield ChainFailed(partial, tuple(reasons))
+        yield ChainFailed(partial, tuple(reasons), tuple(attempts))
 
-    async def complete(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> ChainDone | None:
-        """The whole answer without streaming it anywhere (for summaries); None when nobody answered."""
+    async def complete(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> ChainDone | ChainFailed:
+        """The whole answer without streaming it anywhere (for summaries)."""
         async with contextlib.aclosing(self.stream(request, skip)) as events:
             async for event in events:
-                if isinstance(event, ChainDone):
+                if isinstance(event, ChainDone | ChainFailed):
                     return event
-        return None
+        raise RuntimeError("provider chain ended without an outcome")
 
     async def _attempt(self, provider: AIProvider, request: ProviderRequest) -> AsyncIterator[TextDelta | Finished]:
         """One provider's stream with the first-token and idle timeouts; closes its HTTP stream on any exit."""
         stream = provider.stream(request)
+        loop = asyncio.get_running_loop()
         async with contextlib.aclosing(stream):
+            # One timeout for the whole attempt, moved on at each event: asyncio.timeout, not wait_for, since on
+            # Python 3.11 wait_for loses a cancellation that lands as the next delta arrives, and stop-generation
+            # must always win.
             first = True
-            while True:
-                timeout = self._first_token_timeout if first else self._idle_timeout
-                try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that lands
-                    # as the next delta arrives, and stop-generation must always win.
-                    async with asyncio.timeout(timeout):
-                        event = await anext(stream)
-                except StopAsyncIteration:
-                    raise ProviderError("stream ended without an answer") from None
-                except TimeoutError:
-                    raise ProviderError("no first token in time" if first else "stream stalled") from None
-                first = False
-                yield event
-                if isinstance(event, Finished):
-                    return
+            try:
+                async with asyncio.timeout(self._first_token_timeout) as deadline:
+                    while True:
+                        try:
+                            event = await anext(stream)
+                        except StopAsyncIteration:
+                            raise ProviderError("stream ended without an answer") from None
+                        first = False
+                        deadline.reschedule(None)
+                        yield event
+                        if isinstance(event, Finished):
+                            return
+                        deadline.reschedule(loop.time() + self._idle_timeout)
+            except TimeoutError:
+                raise ProviderError("no first token in time" if first else "stream stalled") from None
 
-    async def _record(self, name: str, failed: bool, started: float) -> None:
-        if self._record_attempt is None:
-            return
-        try:
-            await self._record_attempt(name, failed, time.perf_counter() - started)
-        except Exception as err:  # counters must never cost a reply
-            logger.warning("could not record provider usage: {}", type(err).__name__)
+    def _record(self, attempts: list[tuple[str, bool]], name: str, failed: bool, started: float) -> None:
+        attempts.append((name, failed))
+        if self._record_attempt is not None:
+            self._record_attempt(name, failed, time.perf_counter() - started)

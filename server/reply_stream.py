@@ -48,7 +48,8 @@ class ReplyStream:
         self._pending = ""
         self._pending_reset = False
         self._index = -1
-        self._timer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_flush: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.snapshot_saved = False
 
@@ -68,11 +69,14 @@ class ReplyStream:
         if len(self._pending) >= self._flush_chars or self._flush_seconds == 0:
             await self.flush()
         elif self._timer is None:
-            self._timer = asyncio.create_task(self._flush_later())
+            # A timer handle, and a task only if it fires: most short replies end before it does.
+            self._timer = asyncio.get_running_loop().call_later(self._flush_seconds, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        self._timed_flush = asyncio.create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(self._flush_seconds)
-        self._timer = None
         try:
             await self.flush()
         except Exception as err:  # a failed emit must not become an orphan task error
@@ -85,7 +89,7 @@ class ReplyStream:
         joins in between is already in the room when `message-received` goes out.
         """
         async with self._lock:
-            if self._timer is not None and self._timer is not asyncio.current_task():
+            if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             if not self._pending:
@@ -133,7 +137,8 @@ class ReplyStream:
         """Send the tail and stop the timer."""
         if self._timer is not None:
             self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
             self._timer = None
+        if self._timed_flush is not None and not self._timed_flush.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timed_flush
         await self.flush(final=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,6 +52,42 @@ local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
 return {1, ARGV[2], context, state, tokens, day_tokens}
 """
 
+
+# Stores a finished reply with all its book-keeping in one round trip: the message(s) in order, the streamed
+# text forgotten, tokens for the budgets, the day's analytics and the provider usage counters.
+_FINISH_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local n_attempts = tonumber(ARGV[10])
+for i = 0, n_attempts - 1 do
+  local name = ARGV[11 + 2 * i]
+  redis.call('HINCRBY', KEYS[9], name .. ':requests', 1)
+  if ARGV[12 + 2 * i] == '1' then redis.call('HINCRBY', KEYS[9], name .. ':failures', 1) end
+end
+local tokens = tonumber(ARGV[6])
+redis.call('HINCRBY', KEYS[8], 'provider:' .. ARGV[7], 1)
+if ARGV[8] ~= '' then
+  redis.call('HINCRBYFLOAT', KEYS[8], 'confidenceSum', ARGV[8])
+  redis.call('HINCRBY', KEYS[8], 'confidenceCount', 1)
+end
+redis.call('HINCRBY', KEYS[8], 'latency:' .. ARGV[9], 1)
+if tokens > 0 then
+  redis.call('HINCRBY', KEYS[8], 'tokens', tokens)
+  redis.call('INCRBY', KEYS[7], tokens)
+  redis.call('EXPIRE', KEYS[7], 3 * 86400)
+end
+redis.call('EXPIRE', KEYS[8], 40 * 86400)
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'messageId') == ARGV[5] then redis.call('DEL', KEYS[6]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
+for i = 11 + 2 * n_attempts, #ARGV, 2 do
+  local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], n - 1)
+end
+redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[4])
+return 1
+"""
 
 # Fixed-window counter: one round trip; returns the count and the window's remaining milliseconds.
 _RATE_SCRIPT = """
@@ -113,6 +151,16 @@ def now_iso(ts: float | None = None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.lru_cache(maxsize=4)
+def _day_name(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86400, tz=UTC).strftime("%Y-%m-%d")
+
+
+def utc_day() -> str:
+    """Today's UTC date as YYYY-MM-DD (counters are kept per day; on the hot path, so cached)."""
+    return _day_name(int(time.time() // 86400))
+
+
 def new_id() -> str:
     """Opaque, unguessable ids (122 random bits)."""
     return str(uuid.uuid4())
@@ -162,6 +210,7 @@ class SessionManager:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
         self._append = redis.register_script(_APPEND_SCRIPT)
+        self._finish = redis.register_script(_FINISH_SCRIPT)
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
         self._rate = redis.register_script(_RATE_SCRIPT)
         self._claim = redis.register_script(_CLAIM_SCRIPT)
@@ -334,7 +383,7 @@ class SessionManager:
 
     @staticmethod
     def _day_tokens_key(day: str | None = None) -> str:
-        return f"{PREFIX}:tokens:{day or datetime.now(tz=UTC).strftime('%Y-%m-%d')}"
+        return f"{PREFIX}:tokens:{day or utc_day()}"
 
     async def tokens_today(self) -> int:
         """Provider tokens used today, across processes."""
@@ -405,12 +454,6 @@ class SessionManager:
             "provider": raw.get(b"provider", b"").decode() or None,
         }
 
-    async def clear_in_flight(self, session_id: str, message_id: str) -> None:
-        """Forget the streamed text once the whole reply is stored."""
-        key = self._in_flight_key(session_id)
-        if (await self.redis.hget(key, "messageId") or b"").decode() == message_id:
-            await self.redis.delete(key)
-
     # Escalations ------------------------------------------------------------------------
     async def record_escalation(self, session_id: str, escalation: dict[str, Any]) -> None:
         """Keep every escalation with the session."""
@@ -425,14 +468,6 @@ class SessionManager:
         return [orjson.loads(item) for item in await self.redis.lrange(self._escalations_key(session_id), 0, -1)]
 
     # Counters ---------------------------------------------------------------------------
-    async def count_provider_call(self, provider: str, *, failed: bool) -> None:
-        """Per-provider usage for health and analytics, shared by every process."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self._USAGE_KEY, f"{provider}:requests", 1)
-            if failed:
-                pipe.hincrby(self._USAGE_KEY, f"{provider}:failures", 1)
-            await pipe.execute()
-
     async def provider_usage(self) -> dict[str, int]:
         """`{"openai:requests": n, ...}` across all processes."""
         raw = await self.redis.hgetall(self._USAGE_KEY)
@@ -644,27 +679,59 @@ class SessionManager:
 
     @staticmethod
     def _today() -> str:
-        return datetime.now(tz=UTC).strftime("%Y-%m-%d")
+        return utc_day()
 
-    async def count_reply(
-        self, session_id: str, provider: str | None, confidence: float | None, latency_ms: float, tokens: int
+    async def finish_reply(
+        self,
+        session_id: str,
+        messages: list[dict[str, Any]],
+        *,
+        streamed_id: str | None,
+        attempts: Sequence[tuple[str, bool]],
+        provider: str | None,
+        confidence: float | None,
+        latency_ms: float,
+        tokens: int,
     ) -> None:
-        """One answer: tokens for the budgets, and provider, confidence and latency for analytics, in one round trip."""
-        day = self._today()
-        key = self._analytics_key(day)
+        """Store an answer and everything counted about it in one round trip (the hot path's second write)."""
+        now = time.time()
+        day = utc_day()
+        keys = [
+            *self._keys(session_id)[:4],
+            self._ACTIVE_KEY,
+            self._in_flight_key(session_id),
+            self._day_tokens_key(day),
+            self._analytics_key(day),
+            self._USAGE_KEY,
+        ]
+        args: list[Any] = [
+            self.ttl_seconds,
+            int(now * 1000),
+            self._expires_at(now),
+            session_id,
+            streamed_id or "",
+            max(0, tokens),
+            provider or "none",
+            "" if confidence is None else repr(float(confidence)),
+            latency_bucket(latency_ms),
+            len(attempts),
+        ]
+        for name, failed in attempts:
+            args += [name, "1" if failed else "0"]
+        for message in messages:
+            args += [message["id"], orjson.dumps(message)]
+        if await self._finish(keys=keys, args=args) == -1:
+            raise ApiError("not_found", "The session has ended.")
+
+    async def count_provider_calls(self, attempts: Sequence[tuple[str, bool]]) -> None:
+        """Provider usage of calls made outside a reply (summaries), shared by every process."""
+        if not attempts:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            if tokens > 0:
-                pipe.hincrby(self._session_key(session_id), "tokens", tokens)
-                pipe.incrby(self._day_tokens_key(day), tokens)
-                pipe.expire(self._day_tokens_key(day), 3 * 86400)
-            pipe.hincrby(key, f"provider:{provider or 'none'}", 1)
-            if confidence is not None:
-                pipe.hincrbyfloat(key, "confidenceSum", confidence)
-                pipe.hincrby(key, "confidenceCount", 1)
-            pipe.hincrby(key, f"latency:{latency_bucket(latency_ms)}", 1)
-            if tokens > 0:
-                pipe.hincrby(key, "tokens", tokens)
-            pipe.expire(key, 40 * 86400)
+            for name, failed in attempts:
+                pipe.hincrby(self._USAGE_KEY, f"{name}:requests", 1)
+                if failed:
+                    pipe.hincrby(self._USAGE_KEY, f"{name}:failures", 1)
             await pipe.execute()
 
     async def count_escalation(self, session_id: str, trigger: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loguru import logger
 
-from server.provider_chain import ProviderChain
+from server.provider_chain import ChainDone, ProviderChain
 from server.providers.base import ProviderRequest
 from server.sessions import SessionManager
 
@@ -31,15 +31,20 @@ class ConversationSummarizer:
         )
         if conversation:
             try:
-                done = await self._chain.complete(
+                outcome = await self._chain.complete(
                     ProviderRequest(system_prompt=SUMMARY_PROMPT, history=(), message=conversation, max_tokens=200),
                     skip=("local",),
                 )
             except Exception as err:
                 logger.warning("summary for {} failed: {}", session_id, type(err).__name__)
-                done = None
-            if done is not None and done.text.strip():
-                return done.text.strip()
+                outcome = None
+            if outcome is not None:
+                try:
+                    await self._sessions.count_provider_calls(outcome.attempts)
+                except Exception as err:  # counters must never cost the summary
+                    logger.warning("could not count summary provider calls: {}", type(err).__name__)
+            if isinstance(outcome, ChainDone) and outcome.text.strip():
+                return outcome.text.strip()
         return self.fallback(messages)
 
     @staticmethod

@@ -63,6 +63,17 @@ class WriteBehindStore:
                 logger.warning("redis unreachable ({}): buffering messages", type(err).__name__)
         return self._buffer(session_id, message, client_message_id)
 
+    async def finish_reply(self, session_id: str, messages: list[dict[str, Any]], **bookkeeping: Any) -> None:
+        """Store an answer with its counters in one round trip; while Redis is away, buffer the messages alone."""
+        if not self._pending:
+            try:
+                await self.sessions.finish_reply(session_id, messages, **bookkeeping)
+                return
+            except REDIS_DOWN as err:
+                logger.warning("redis unreachable ({}): buffering messages, the reply's counters are lost", type(err).__name__)
+        for message in messages:
+            self._buffer(session_id, message, None)
+
     def _buffer(self, session_id: str, message: dict[str, Any], client_message_id: str | None) -> AppendResult:
         if client_message_id:
             for item in self._pending:
