@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> web.Application:
         first_token_timeout=settings.ai_first_token_timeout,
         idle_timeout=settings.ai_stream_idle_timeout,
         record_attempt=metrics.record_attempt,
-        on_first_token=lambda name, seconds: metrics.time_to_first_token.labels(name).observe(seconds),
+        on_first_token=metrics.first_token,
     )
     schemas = build_schemas(settings.max_message_length, settings.metadata_max_bytes)
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -216,7 +216,7 @@ class ChatService:
         self.metrics.redis_latency.observe(time.perf_counter() - started)
         job.stored.set_result(appended.message)
         if not appended.duplicate:
-            self.metrics.messages.labels("in").inc()
+            self.metrics.messages_in.inc()
         if appended.state == "agent" and not appended.duplicate and self.handoff is not None:
             await self.handoff.forward_customer_message(appended.message)
             job.done.set_result(TurnResult(session_id, appended.message, None, None))
@@ -245,12 +245,12 @@ class ChatService:
             system_prompt=self.prompts.system_prompt(text), history=_turns(context), message=text
         )
         if self.log_content:
-            logger.debug(
+            logger.opt(lazy=True).debug(
                 "session {}: provider request: system={!r} history={!r} message={!r}",
-                session_id,
-                request.system_prompt,
-                [(t.role, t.content) for t in request.history],
-                request.message,
+                lambda: session_id,
+                lambda: request.system_prompt,
+                lambda: [(t.role, t.content) for t in request.history],
+                lambda: request.message,
             )
         else:
             logger.debug("session {}: provider request: {} history turns", session_id, len(request.history))
@@ -286,7 +286,7 @@ class ChatService:
             latency_ms=(time.perf_counter() - started) * 1000,
             tokens=outcome.tokens,
         )
-        self.metrics.messages.labels("out").inc(len(replies))
+        self.metrics.messages_out.inc(len(replies))
         for position, message in enumerate(replies):
             last = position == len(replies) - 1
             payload = {

@@ -19,6 +19,7 @@ by that score, bm25 breaking ties.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sqlite3
@@ -138,6 +139,9 @@ class KnowledgeBase:
             [(i, e.question, e.answer, f"{e.topic} {extra[i]}") for i, e in enumerate(self._entries)],
         )
         self._db.commit()
+        # The entries never change after loading, so the rows holding a word are looked up once (every user
+        # message searches the base for the prompt, and most words recur).
+        self._rows = functools.lru_cache(maxsize=8192)(self._matching_rows)
 
     @classmethod
     def from_directory(cls, path: Path, *, store_name: str = "Northwind Goods") -> KnowledgeBase:
@@ -202,8 +206,8 @@ class KnowledgeBase:
         ranked.sort(key=lambda item: (-item[0], item[1]))
         return [KnowledgeMatch(self._entries[row], round(score, 3)) for score, _, row in ranked[:limit]]
 
-    def _rows(self, match: str) -> set[int]:
-        return {row for (row,) in self._db.execute("SELECT rowid FROM kb WHERE kb MATCH ?", (match,))}
+    def _matching_rows(self, match: str) -> frozenset[int]:
+        return frozenset(row for (row,) in self._db.execute("SELECT rowid FROM kb WHERE kb MATCH ?", (match,)))
 
 
 def _phrase(word: str) -> str:

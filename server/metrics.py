@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,6 +25,8 @@ class Metrics:
         self.sockets_connected = Gauge("support_sockets_connected", "Customer sockets connected to this process", registry=r)
         self.sessions_active = Gauge("support_sessions_active", "Sessions with activity within their TTL", registry=r)
         self.messages = Counter("support_messages", "Chat messages", ["direction"], registry=r)
+        self.messages_in = self.messages.labels("in")
+        self.messages_out = self.messages.labels("out")
         self.provider_requests = Counter("support_provider_requests", "Provider attempts", ["provider"], registry=r)
         self.provider_failures = Counter("support_provider_failures", "Failed provider attempts", ["provider"], registry=r)
         self.provider_latency = Histogram(
@@ -44,13 +47,31 @@ class Metrics:
             "support_redis_command_seconds", "Latency of the message-append script", buckets=REDIS_BUCKETS, registry=r
         )
         self.write_behind_depth = Gauge("support_write_behind_depth", "Messages waiting for Redis", registry=r)
+        self._provider_children: dict[str, tuple[Any, Any, Any, Any]] = {}
 
     def record_attempt(self, provider: str, failed: bool, seconds: float) -> None:
         """One provider attempt finished."""
-        self.provider_requests.labels(provider).inc()
+        requests, failures, latency, _ = self._per_provider(provider)
+        requests.inc()
         if failed:
-            self.provider_failures.labels(provider).inc()
-        self.provider_latency.labels(provider).observe(seconds)
+            failures.inc()
+        latency.observe(seconds)
+
+    def first_token(self, provider: str, seconds: float) -> None:
+        """A provider's first delta arrived."""
+        self._per_provider(provider)[3].observe(seconds)
+
+    def _per_provider(self, provider: str) -> tuple[Any, Any, Any, Any]:
+        """The labelled children, looked up once per provider (labels() is not free on the hot path)."""
+        children = self._provider_children.get(provider)
+        if children is None:
+            children = self._provider_children[provider] = (
+                self.provider_requests.labels(provider),
+                self.provider_failures.labels(provider),
+                self.provider_latency.labels(provider),
+                self.time_to_first_token.labels(provider),
+            )
+        return children
 
     def render(self, refresh: Callable[[], None] | None = None) -> bytes:
         """The text exposition, after refreshing gauges computed at scrape time."""

@@ -174,5 +174,9 @@ class ProviderChain:
 
     def _record(self, attempts: list[tuple[str, bool]], name: str, failed: bool, started: float) -> None:
         attempts.append((name, failed))
-        if self._record_attempt is not None:
+        if self._record_attempt is None:
+            return
+        try:
             self._record_attempt(name, failed, time.perf_counter() - started)
+        except Exception as err:  # metrics must never cost a reply
+            logger.warning("could not record a provider attempt: {}", type(err).__name__)
