@@ -46,7 +46,7 @@ chromium:
 	fi
 
 # Side-by-side benchmarks (needs node and npm for the peer and its load driver).
-bench: install
+bench: install-dev node
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -1,119 +1,119 @@
-"""`make bench`: this server beside its baselines and the Node peer, same double, same Redis, server on core 0 and the
-load driver (the peer's load.js, the official socket.io-client) on core 1. Prints a table, writes bench/results/.
+"""`make bench`: this server beside its baselines and the Node peer, in one run, on loopback.
 
-Covers: B1 idle memory (load.js idle mode), B2 closed-loop throughput (with OpenAI healthy and failing), B3 fixed
-rates. Not yet: B4 streaming fan-out, B5 failover penalty, PNG plots.
+Every server under test runs alone on core 0 (taskset); the load drivers run on core 1: the peer's load.js (the
+official socket.io-client) for B2/B3, bench/drivers/*.mjs for the rest. One redis-server (port 6391) and one provider
+double (tests.fake_providers, port 9002) serve every target.
+
+  B1 idle memory and join latency     bench/drivers/idle_join.mjs  (all targets)
+  B2 closed-loop throughput           load.js closed / drivers/ws_echo.mjs (raw WebSocket baseline)
+  B3 latency at fixed rates           load.js rate
+  B4 streaming fan-out                bench/drivers/stream_load.mjs (this server, coalescing on and off)
+  B5 failover penalty                 bench/drivers/ttft.mjs (this server, fresh server per fault)
+
+Prints one table, writes bench/results/latest.json (raw rows + summary), latest.md and the PNG plots.
+Usage: python bench/run.py [--duration 8] [--reps 1] [--idle 1000,5000,10000] [--only B1,B2,B3,B4,B5] [--targets ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
+import platform
+import signal
 import sys
 import time
-import urllib.request
-from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-PEER_SRC = ROOT.parent / "shared" / "bench" / "node-peer"
-RESULTS = ROOT / "bench" / "results"
-PY = sys.executable
-
-
-def wait_http(url: str, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
+from harness import RAW, RESULTS, Stack, peer_dir, raise_nofile
+from plots import plot_all
+from report import markdown_table, summarize, text_table
+from scenarios import THIS, WS_ECHO, b1_idle, b2_b3, b4_stream, b5_failover, log, targets, ws_echo_closed
 
 
-def control(double: str, body: dict) -> None:
-    request = urllib.request.Request(double + "/_control/" + ("reset" if not body else "mode"),
-                                     data=json.dumps(body).encode(), method="POST")
-    urllib.request.urlopen(request, timeout=5).read()
-
-
-def peer_dir() -> Path:
-    """A writable copy of the Node peer with its modules installed."""
-    target = Path(os.environ.get("PEER_DIR", "/tmp/support-chat-peer"))
-    if not (target / "node_modules").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(PEER_SRC, target)
-        for path in target.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=target, check=True)
-    return target
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=8, help="measured seconds per B2/B3/B4 run (plus warm-up)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of B2/B3/B4; the table shows medians")
+    parser.add_argument("--idle", default="1000,5000,10000", help="B1 connection levels (cumulative)")
+    parser.add_argument("--join-concurrency", type=int, default=50, help="B1 connects+joins in flight")
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5", help="scenarios to run (B2 and B3 run together)")
+    parser.add_argument("--targets", default="", help="comma-separated target names (default: all)")
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=12)
-    parser.add_argument("--idle", default="1000,5000")
-    args = parser.parse_args()
+    """Run the scenarios, print the table, write the results."""
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up servers and drivers when terminated
+    started = time.monotonic()
+    only = {s.strip().upper() for s in args.only.split(",")}
+    levels = sorted(int(n) for n in args.idle.split(",") if n.strip())
+    nofile = raise_nofile()
+    if levels and nofile < max(levels) + 100:
+        log(f"open-files limit {nofile} is too low for {max(levels)} connections; B1 capped")
+        levels = [n for n in levels if n + 100 <= nofile] or [nofile - 100]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    RAW.mkdir(parents=True, exist_ok=True)
+    for old in RAW.glob("*.txt"):
+        old.unlink()
     peer = peer_dir()
-    redis_bin = subprocess.check_output([PY, "-c", "from server.redis_backend import redis_server_binary as r; print(r())"],
-                                        cwd=ROOT, text=True).strip()
-    procs = [subprocess.Popen([redis_bin, "--port", "6390", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL),
-             subprocess.Popen([PY, "-m", "tests.fake_providers", "--port", "9001"], cwd=ROOT, stdout=subprocess.DEVNULL)]
-    double = "http://127.0.0.1:9001"
-    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:6390/0", "OPENAI_API_KEY": "sk-test",
-           "OPENAI_BASE_URL": double + "/v1", "GEMINI_API_KEY": "g-test", "GEMINI_BASE_URL": double,
-           "LOG_LEVEL": "WARNING", "HOST": "127.0.0.1", "SOCKETIO_MANAGER": "memory",
-           "RATE_LIMIT_SESSIONS_PER_MINUTE": "0", "RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
-           "RATE_LIMIT_CONNECTIONS_PER_MINUTE": "0"}
-    targets = {
-        "this server": [PY, str(ROOT / "run.py")],
-        "node peer": ["node", str(peer / "server.js")],
-        "socketio echo": [PY, str(ROOT / "bench/baselines/socketio_echo.py")],
-        "socketio echo + redis": [PY, str(ROOT / "bench/baselines/socketio_echo.py"), "--redis", env["REDIS_URL"]],
-    }
-    rows: list[dict] = []
+    stack = Stack(peer)
+    all_targets = targets(str(peer / "server.js"), stack.redis_url)
+    wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
+    chosen = [t for t in all_targets if not wanted or t.name in wanted]
+    rows: list[dict[str, Any]] = []
+
+    def attempt(what: str, fn: Any, *fn_args: Any) -> None:
+        try:
+            rows.extend(fn(*fn_args))
+        except Exception as err:  # one target failing to start must not lose the others' figures
+            log(f"{what} failed: {err}")
+            rows.append({"target": what, "scenario": "error", "rep": 0, "error": str(err)})
+
+    stack.start()
     try:
-        time.sleep(1)
-        for port, (name, command) in enumerate(targets.items(), start=3301):
-            command = [*command, "--port", str(port)] if "echo" in name else command
-            server = subprocess.Popen(["taskset", "-c", "0", *command], cwd=ROOT, env={**env, "PORT": str(port)},
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_http(f"http://127.0.0.1:{port}/api/v1/health")
-                scenarios = [("B2 closed 100", ["--mode", "closed", "--sessions", "100"], None),
-                             ("B2 closed 100, OpenAI 500", ["--mode", "closed", "--sessions", "100"],
-                              {"provider": "openai", "mode": "status", "options": {"status": 500}}),
-                             ("B3 rate 100", ["--mode", "rate", "--rate", "100", "--sessions", "50"], None),
-                             ("B3 rate 500", ["--mode", "rate", "--rate", "500", "--sessions", "100"], None)]
-                scenarios += [(f"B1 idle {n}", ["--mode", "idle", "--sockets", n], None) for n in args.idle.split(",") if n]
-                for label, extra, mode in scenarios:
-                    control(double, {})
-                    if mode:
-                        control(double, mode)
-                    out = subprocess.run(["taskset", "-c", "1", "node", str(peer / "load.js"), "--url",
-                                          f"http://127.0.0.1:{port}", "--duration", str(args.duration),
-                                          "--server-pid", str(server.pid), "--tree", "0", *extra],
-                                         capture_output=True, text=True, timeout=args.duration * 4 + 120)
-                    line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), "{}")
-                    rows.append({"target": name, "scenario": label, **json.loads(line)})
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        for target in chosen:
+            if "B1" in only and levels:
+                attempt(f"{target.name} B1", b1_idle, stack, target, levels, args.join_concurrency)
+            if "B2" in only or "B3" in only:
+                if target.name == WS_ECHO:
+                    attempt(f"{target.name} B2", ws_echo_closed, stack, target, args.reps, args.duration)
+                else:
+                    attempt(f"{target.name} B2/B3", b2_b3, stack, target, args.reps, args.duration)
+        this = next((t for t in chosen if t.name == THIS), None)
+        if this is not None and "B4" in only:
+            attempt("B4", b4_stream, stack, this, args.reps, args.duration)
+        if this is not None and "B5" in only:
+            attempt("B5", b5_failover, stack, this)
     finally:
-        for proc in procs:
-            proc.terminate()
-    (RESULTS / "latest.json").write_text(json.dumps(rows, indent=1))
-    header = ("scenario", "target", "replies/s", "p50 ms", "p99 ms", "cpu %", "rss MB", "KB/sock")
-    print(f"{header[0]:28} {header[1]:24} " + " ".join(f"{h:>8}" for h in header[2:]))
-    for row in rows:
-        lat = row.get("latencyMs") or {}
-        print(f"{row['scenario']:28} {row['target']:24} {row.get('repliesPerSec', row.get('sentRate', '-'))!s:>10} "
-              f"{lat.get('p50', '-')!s:>8} {lat.get('p99', '-')!s:>8} {(row.get('cpuPct') or {}).get('server', '-')!s:>6} "
-              f"{row.get('serverRssMB', row.get('serverRssAfterMB', '-'))!s:>7} {row.get('kbPerSocket', '-')!s:>8}")
+        stack.close()
+
+    lines = summarize(rows, levels or [0], args.join_concurrency)
+    wall = round(time.monotonic() - started, 1)
+    meta = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wallSeconds": wall,
+        "duration": args.duration,
+        "reps": args.reps,
+        "idleLevels": levels,
+        "joinConcurrency": args.join_concurrency,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cores": {"server": 0, "load": 1},
+    }
+    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
+    md = markdown_table(lines)
+    (RESULTS / "latest.md").write_text(
+        f"`make bench` ({meta['at']}, {args.duration} s per run, median of {args.reps}, server on core 0, load on core 1)\n\n"
+        f"{md}\n"
+    )
+    pngs = plot_all(rows)
+    print()
+    print(text_table(lines))
+    print()
+    print(f"wrote {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}" + "".join(f", {p}" for p in pngs))
+    print(f"wall time {wall:.0f} s")
 
 
 if __name__ == "__main__":
