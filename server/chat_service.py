@@ -113,6 +113,7 @@ class ChatService:
         self._queues: dict[str, deque[_Job]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._generating: dict[str, _Generation] = {}
+        self._streams: dict[str, ReplyStream] = {}
 
     # Entry points -----------------------------------------------------------------------
     async def submit(
@@ -151,6 +152,11 @@ class ChatService:
 
     async def in_progress(self, session_id: str, history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         """The reply still being written, for a rejoining client; None once it is in the history."""
+        live = self._streams.get(session_id)
+        if live is not None:
+            return live.written
+        if not self.cross_process_order:  # one process: no reply is being written anywhere else
+            return None
         snapshot = await self.sessions.in_flight(session_id)
         if snapshot is None or any(m.get("id") == snapshot["messageId"] for m in history):
             return None
@@ -262,13 +268,21 @@ class ChatService:
             flush_ms=self.flush_ms,
             flush_chars=self.flush_chars,
             listener=listener,
+            # Across processes a rejoin may land elsewhere and reads the text so far from Redis; in one process
+            # it reads the live stream itself, and a Redis write before every chunk would buy nothing.
+            snapshots=self.cross_process_order,
         )
+        self._streams[session_id] = stream
         await self._typing(session_id, True)
         try:
             outcome = await self._generate(session_id, request, stream)
         finally:
-            await stream.close()
-            await self._typing(session_id, False)
+            try:
+                await stream.close()
+                await self._typing(session_id, False)
+            finally:
+                if self._streams.get(session_id) is stream:
+                    del self._streams[session_id]
 
         replies = self._reply_messages(session_id, user_message["id"], stream.message_id, outcome)
         escalation = self.rules.for_user_message(session_id, text)

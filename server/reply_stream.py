@@ -35,6 +35,7 @@ class ReplyStream:
         flush_ms: int,
         flush_chars: int,
         listener: ReplyListener | None = None,
+        snapshots: bool = True,
     ) -> None:
         self.session_id = session_id
         self.message_id = message_id
@@ -45,6 +46,7 @@ class ReplyStream:
         self._flush_seconds = max(0, flush_ms) / 1000
         self._flush_chars = max(1, flush_chars)
         self._listener = listener
+        self._snapshots = snapshots
         self._pending = ""
         self._pending_reset = False
         self._index = -1
@@ -52,6 +54,13 @@ class ReplyStream:
         self._timed_flush: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.snapshot_saved = False
+
+    @property
+    def written(self) -> dict[str, Any] | None:
+        """What the room has been sent so far (`messageId`, `text`, `index`), for a socket joining mid-reply."""
+        if self._index < 0:
+            return None
+        return {"messageId": self.message_id, "text": self.text, "index": self._index}
 
     @property
     def chunks_sent(self) -> int:
@@ -83,7 +92,7 @@ class ReplyStream:
             logger.warning("session {}: chunk flush failed: {}", self.session_id, type(err).__name__)
 
     async def flush(self, *, final: bool = False) -> None:
-        """Send what waits as one chunk; Redis first, so a rejoin never misses text it was not sent.
+        """Send what waits as one chunk; the snapshot first, so a rejoin never misses text it was not sent.
 
         The final flush skips the snapshot: the whole message is stored right after it, and a socket that
         joins in between is already in the room when `message-received` goes out.
@@ -107,7 +116,7 @@ class ReplyStream:
                 "reset": reset,
             }
             try:
-                if not final:
+                if self._snapshots and not final:
                     await self._sessions.save_in_flight(
                         self.session_id, self.message_id, self.text, self._index, self.provider or ""
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -76,7 +77,10 @@ if tokens > 0 then
   redis.call('EXPIRE', KEYS[7], 3 * 86400)
 end
 redis.call('EXPIRE', KEYS[8], 40 * 86400)
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'messageId') == ARGV[5] then redis.call('DEL', KEYS[6]) end
+if ARGV[5] ~= '' and redis.call('TYPE', KEYS[6]).ok == 'string' then
+  local streamed = cjson.decode(redis.call('GET', KEYS[6]))
+  if streamed.messageId == ARGV[5] then redis.call('DEL', KEYS[6]) end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
 for i = 11 + 2 * n_attempts, #ARGV, 2 do
@@ -209,6 +213,7 @@ class SessionManager:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
+        self._snapshots = _SnapshotWriter(redis, ttl_seconds)
         self._append = redis.register_script(_APPEND_SCRIPT)
         self._finish = redis.register_script(_FINISH_SCRIPT)
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
@@ -435,23 +440,28 @@ class SessionManager:
 
     # Replies being written ---------------------------------------------------------------
     async def save_in_flight(self, session_id: str, message_id: str, text: str, index: int, provider: str) -> None:
-        """The text so far of a reply being streamed, so a rejoin on any process can catch up."""
-        key = self._in_flight_key(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"messageId": message_id, "text": text, "index": index, "provider": provider})
-            pipe.expire(key, self.ttl_seconds)
-            await pipe.execute()
+        """The text so far of a reply being streamed, so a rejoin on any process can catch up.
+
+        This runs before every chunk event of every stream, so the snapshots of all streams are written
+        together (see _SnapshotWriter); it returns once this one is in Redis.
+        """
+        snapshot = {"messageId": message_id, "text": text, "index": index, "provider": provider}
+        await self._snapshots.write(self._in_flight_key(session_id), orjson.dumps(snapshot))
 
     async def in_flight(self, session_id: str) -> dict[str, Any] | None:
         """`{messageId, text, index, provider}` of the reply being written, if any."""
-        raw = await self.redis.hgetall(self._in_flight_key(session_id))
+        try:
+            raw = await self.redis.get(self._in_flight_key(session_id))
+        except aioredis.ResponseError:  # a snapshot in the older hash form: nothing to resume from
+            return None
         if not raw:
             return None
+        snapshot = orjson.loads(raw)
         return {
-            "messageId": raw[b"messageId"].decode(),
-            "text": raw[b"text"].decode(),
-            "index": int(raw[b"index"]),
-            "provider": raw.get(b"provider", b"").decode() or None,
+            "messageId": snapshot["messageId"],
+            "text": snapshot["text"],
+            "index": int(snapshot["index"]),
+            "provider": snapshot.get("provider") or None,
         }
 
     # Escalations ------------------------------------------------------------------------
@@ -781,6 +791,61 @@ class SessionManager:
 
 
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+class _SnapshotWriter:
+    """Group commit for streamed-text snapshots: one pipeline of SETs for every snapshot waiting, then the next.
+
+    A command of its own per chunk cost about 100 µs of client CPU each, a third of the server's CPU with 100
+    streams; batched, a snapshot costs a few µs. Callers still wait until their snapshot is stored, so a chunk
+    never goes out before Redis holds its text.
+    """
+
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._ttl_seconds = ttl_seconds
+        self._pending: dict[str, bytes] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, key: str, value: bytes) -> None:
+        """Store `value` under `key` (the newest value of a key wins) along with everything else waiting."""
+        self._pending[key] = value
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all())
+        await waiter
+
+    async def _write_all(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            waiters, self._waiters = self._waiters, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, value in batch.items():
+                        pipe.set(key, value, ex=self._ttl_seconds)
+                    await pipe.execute()
+            except Exception as err:
+                self._fail(waiters, err)
+            except BaseException:  # cancelled (shutdown): nobody may be left waiting
+                self._fail(waiters + self._waiters, ConnectionError("snapshot writer stopped"))
+                raise
+            else:
+                self._succeed(waiters)
+
+    @staticmethod
+    def _succeed(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @staticmethod
+    def _fail(waiters: list[asyncio.Future[None]], err: BaseException) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(err)
+                waiter.exception()  # a caller cancelled meanwhile must not log "never retrieved"
 
 
 def latency_bucket(ms: float) -> int:

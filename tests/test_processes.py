@@ -154,6 +154,30 @@ async def test_two_sockets_of_one_session_on_two_processes_see_each_reply_once(p
         assert replies == ids
 
 
+async def test_rejoin_mid_stream_on_another_process_gets_the_text_so_far(processes, cluster_env, connect, double) -> None:
+    double.set_mode("openai", "ok", tokens=60, chunk_delay=0.03)
+    a = await launch(processes, cluster_env)
+    b = await launch(processes, cluster_env)
+    writer: Recorder = await connect(a.url)
+    joined = await writer.call("join-chat", {"userId": "roams"})
+    sent = await writer.call("send-message", {"sessionId": joined["sessionId"], "message": "tell me"})
+    await writer.wait_for("message-chunk", count=3)
+    await writer.disconnect()
+
+    elsewhere: Recorder = await connect(b.url)
+    ack = await elsewhere.call(
+        "join-chat", {"sessionId": joined["sessionId"], "token": joined["token"], "afterMessageId": sent["messageId"]}
+    )
+    assert ack["ok"]
+    progress = (await elsewhere.wait_for("chat-joined"))[0]["inProgress"]
+    assert progress["text"] and progress["index"] >= 2
+    received = await elsewhere.reply_to(timeout=10)
+    later = [c for c in elsewhere.of("message-chunk") if c["messageId"] == progress["messageId"] and c["index"] > progress["index"]]
+    assert [c["index"] for c in later] == list(range(progress["index"] + 1, progress["index"] + 1 + len(later)))
+    assert progress["text"] + "".join(c["delta"] for c in later) == received["message"]["content"]
+    assert received["message"]["content"].split() == [f"tok{i}" for i in range(60)]
+
+
 async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processes, cluster_env, connect, double) -> None:
     a = await launch(processes, cluster_env)
     b = await launch(processes, cluster_env)
