@@ -273,6 +273,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if embedded is not None:
         await embedded.start()
     settings = app[SETTINGS]
+    for provider in app[CHAIN].providers:
+        provider.warm_up()
     logger.info(
         "serving on {}:{} with providers {} (redis {})",
         settings.host,

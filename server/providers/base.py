@@ -81,6 +81,9 @@ class AIProvider(ABC):
     def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         """Yield text deltas, then exactly one Finished; raise ProviderError on any failure."""
 
+    def warm_up(self) -> None:
+        """Do at startup what the first call would otherwise do (no network), so the first visitor does not wait."""
+
     async def aclose(self) -> None:
         """Release network clients; providers without any keep the default."""
 
