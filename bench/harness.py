@@ -212,11 +212,12 @@ class Stack:
             log.close()
 
     def drive(self, script: str, args: list[str], timeout: float) -> dict[str, Any]:
-        """Run one driver (load.js or bench/drivers/*.mjs) on the load core; its last JSON line, or an error."""
+        """Run one driver (load.js, bench/drivers/*.mjs or *.py) on the load core; its last JSON line, or an error."""
         path = self.peer / script if script == "load.js" else DRIVERS / script
+        runtime = sys.executable if script.endswith(".py") else "node"
         try:
             out = subprocess.run(
-                ["taskset", "-c", LOAD_CORE, "node", str(path), *args],
+                ["taskset", "-c", LOAD_CORE, runtime, str(path), *args],
                 capture_output=True,
                 preexec_fn=_die_with_parent,
                 text=True,

@@ -83,17 +83,21 @@ def summarize(rows: list[dict[str, Any]], levels: list[int], concurrency: int) -
         add(f"{label}: p99 ms", across(scenario, lat("p99")))
         add(f"{label}: server CPU ms/reply", across(scenario, cpu_ms_per_reply), digits=2)
 
-    # B3 fixed rates
+    # B3 fixed rates; the target is on the server-added time: end to end less the double's own median at that rate
     for rate, limit in [(100, 10), (500, 25)]:
         scenario = f"B3 rate {rate}"
+        double_p50 = median(rows, "provider double", f"B3 double alone, rate {rate}", lat("p50"))
         add(f"{scenario}: p50 ms", across(scenario, lat("p50")), digits=2)
         add(f"{scenario}: p95 ms", across(scenario, lat("p95")), digits=2)
+        add(f"{scenario}: p99 ms", across(scenario, lat("p99")), digits=2)
+        add(f"{scenario}: the double's own p50 ms", {THIS: double_p50}, digits=2)
         p99 = across(scenario, lat("p99"))
+        added = {k: (None if v is None or double_p50 is None else v - double_p50) for k, v in p99.items()}
         lost = across(scenario, lambda r: r["measuredSent"] - r["measuredReplies"])
-        ok = _le(p99[THIS], limit)
+        ok = _le(added[THIS], limit)
         if ok is not None:
-            ok = ok and (p99.get(PEER) is None or p99[THIS] < p99[PEER]) and not lost.get(THIS)
-        add(f"{scenario}: p99 ms", p99, f"≤ {limit} and < peer, none lost", ok, 2)
+            ok = ok and (added.get(PEER) is None or added[THIS] < added[PEER]) and not lost.get(THIS)
+        add(f"{scenario}: server-added p99 ms", added, f"≤ {limit} and < peer, none lost", ok, 2)
         add(f"{scenario}: replies missing", lost, "", None, 0)
         add(f"{scenario}: server CPU %", across(scenario, lambda r: r["cpuPct"]["server"]))
 
@@ -112,18 +116,21 @@ def summarize(rows: list[dict[str, Any]], levels: list[int], concurrency: int) -
     add("B4 streamed chars/s per stream", b4(lambda r: r["charsPerSecPerStream"]), digits=0)
     add("B4 answers completed/s", b4(lambda r: r["repliesPerSec"]))
 
-    # B5 failover penalty: this server, the healthy primary is the baseline
+    # B5 failover penalty: this server. The first request is measured against a healthy primary's first request;
+    # with the breaker open every answer is Gemini's, so the baseline there is Gemini answering as the first provider.
     healthy_first = median(rows, THIS, "B5 healthy", lambda r: r["firstMs"])
     healthy_steady = median(rows, THIS, "B5 healthy", lambda r: r["steadyMedianMs"])
+    fallback_steady = median(rows, THIS, "B5 fallback alone", lambda r: r["steadyMedianMs"])
     add("B5 TTFT ms, healthy: first request", {THIS: healthy_first}, digits=2)
-    add("B5 TTFT ms, healthy: median of 20", {THIS: healthy_steady}, digits=2)
+    add("B5 TTFT ms, healthy: median", {THIS: healthy_steady}, digits=2)
+    add("B5 TTFT ms, Gemini as first provider: median", {THIS: fallback_steady}, digits=2)
     first_limits = {"refused": 20.0}
     for fault in ("refused", "status 500", "hang"):
         first = median(rows, THIS, f"B5 {fault}", lambda r: r["firstMs"])
         steady = median(rows, THIS, f"B5 {fault}", lambda r: r["steadyMedianMs"])
         breaker = next((r.get("openaiBreakerAfter") for r in rows if r["scenario"] == f"B5 {fault}"), None)
         pen_first = None if first is None or healthy_first is None else first - healthy_first
-        pen_open = None if steady is None or healthy_steady is None else steady - healthy_steady
+        pen_open = None if steady is None or fallback_steady is None else steady - fallback_steady
         limit = first_limits.get(fault)
         note = f" (first-token timeout {FIRST_TOKEN_TIMEOUT:g} s)" if fault == "hang" else ""
         add(
@@ -137,8 +144,8 @@ def summarize(rows: list[dict[str, Any]], levels: list[int], concurrency: int) -
         if ok is not None and breaker != "open":
             ok = False
         add(
-            f"B5 {fault}: extra TTFT ms, breaker {breaker or '?'} (median of 20)",
-            {THIS: pen_open, "own baseline": healthy_steady},
+            f"B5 {fault}: extra TTFT ms, breaker {breaker or '?'} (median, vs Gemini first)",
+            {THIS: pen_open, "own baseline": fallback_steady},
             "< 5",
             ok,
             2,

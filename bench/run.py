@@ -27,7 +27,18 @@ from typing import Any
 from harness import RAW, RESULTS, Stack, peer_dir, raise_nofile
 from plots import plot_all
 from report import markdown_table, summarize, text_table
-from scenarios import THIS, WS_ECHO, b1_idle, b2_b3, b4_stream, b5_failover, log, targets, ws_echo_closed
+from scenarios import (
+    THIS,
+    WS_ECHO,
+    b1_idle,
+    b2_b3,
+    b4_stream,
+    b5_failover,
+    double_alone,
+    log,
+    targets,
+    ws_echo_closed,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,6 +92,8 @@ def main() -> None:
                     attempt(f"{target.name} B2", ws_echo_closed, stack, target, args.reps, args.duration)
                 else:
                     attempt(f"{target.name} B2/B3", b2_b3, stack, target, args.reps, args.duration)
+        if "B3" in only:
+            attempt("provider double B3", double_alone, stack, args.reps, args.duration)
         this = next((t for t in chosen if t.name == THIS), None)
         if this is not None and "B4" in only:
             attempt("B4", b4_stream, stack, this, args.reps, args.duration)

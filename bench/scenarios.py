@@ -27,6 +27,8 @@ B5_ENV = {
 }
 B5_FAULTS: dict[str, tuple[dict[str, str], dict[str, Any] | None]] = {
     "healthy": ({}, None),
+    # Gemini answering as if it were first: the baseline for "breaker open", when every answer comes from Gemini
+    "fallback alone": ({"AI_PROVIDERS": "gemini,local"}, None),
     "refused": ({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, None),
     "status 500": ({}, OPENAI_500),
     "hang": ({}, {"provider": "openai", "mode": "hang"}),
@@ -139,43 +141,25 @@ def b2_b3(stack: Stack, target: Target, reps: int, duration: int) -> list[dict[s
         for rep in range(1, reps + 1):
             closed = ["--mode", "closed", "--sessions", "100"]
             rows.append(load_js(stack, target, proc.pid, "B2 closed 100", rep, duration, closed))
+            # B3 before the OpenAI-500 case: afterwards this server's breaker keeps OpenAI out for its cooldown.
+            for rate, sessions in ((100, 50), (500, 100)):
+                rate_args = ["--mode", "rate", "--rate", str(rate), "--sessions", str(sessions)]
+                rows.append(load_js(stack, target, proc.pid, f"B3 rate {rate}", rep, duration, rate_args, dump=True))
             if target.chat:
-                rows.append(
-                    load_js(
-                        stack,
-                        target,
-                        proc.pid,
-                        "B2 closed 100, OpenAI 500",
-                        rep,
-                        duration,
-                        ["--mode", "closed", "--sessions", "100"],
-                        OPENAI_500,
-                    )
-                )
-            rows.append(
-                load_js(
-                    stack,
-                    target,
-                    proc.pid,
-                    "B3 rate 100",
-                    rep,
-                    duration,
-                    ["--mode", "rate", "--rate", "100", "--sessions", "50"],
-                    dump=True,
-                )
-            )
-            rows.append(
-                load_js(
-                    stack,
-                    target,
-                    proc.pid,
-                    "B3 rate 500",
-                    rep,
-                    duration,
-                    ["--mode", "rate", "--rate", "500", "--sessions", "100"],
-                    dump=True,
-                )
-            )
+                rows.append(load_js(stack, target, proc.pid, "B2 closed 100, OpenAI 500", rep, duration, closed, OPENAI_500))
+    return rows
+
+
+def double_alone(stack: Stack, reps: int, duration: int) -> list[dict[str, Any]]:
+    """B3's correction: the double's own time for the same requests at the same rates, with no chat server between."""
+    rows = []
+    stack.control()
+    for rep in range(1, reps + 1):
+        for rate in (100, 500):
+            out = stack.drive("double_rate.py", ["--url", stack.double, "--rate", str(rate), "--duration", str(duration)],
+                              timeout=duration * 3 + 60)
+            rows.append(row("provider double", f"B3 double alone, rate {rate}", rep, out))
+    return rows
     return rows
 
 
@@ -228,11 +212,12 @@ def b4_stream(stack: Stack, target: Target, reps: int, duration: int) -> list[di
     return rows
 
 
-def b5_failover(stack: Stack, target: Target, requests: int = 20) -> list[dict[str, Any]]:
+def b5_failover(stack: Stack, target: Target, requests: int = 40) -> list[dict[str, Any]]:
     """B5: time to first token with the primary healthy, refusing, answering 500, hanging; fresh server for each."""
     rows = []
     for fault, (env, mode) in B5_FAULTS.items():
-        count = 1 + requests if fault == "healthy" else BREAKER_THRESHOLD + requests
+        healthy = fault in ("healthy", "fallback alone")
+        count = 1 + requests if healthy else BREAKER_THRESHOLD + requests
         with stack.serving(target, {**B5_ENV, **env}, tag=f"b5-{slug(fault)}"):
             stack.control(mode)
             out = stack.drive("ttft.mjs", ["--url", target.url, "--requests", str(count)], timeout=count * 5 + 60)
@@ -243,7 +228,7 @@ def b5_failover(stack: Stack, target: Target, requests: int = 20) -> list[dict[s
                 breaker = None
             stack.control()
         ttfts = [r.get("ttftMs") for r in out.get("requests", [])]
-        skip = 1 if fault == "healthy" else BREAKER_THRESHOLD
+        skip = 1 if healthy else BREAKER_THRESHOLD
         steady = [t for t in ttfts[skip:] if t is not None]
         summary = {
             "firstMs": ttfts[0] if ttfts else None,
