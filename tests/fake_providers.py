@@ -295,6 +295,12 @@ class ProviderDouble:
         chunk_delay = float(mode.options.get("chunk_delay", 0))
         limit = after + 1 if mode.name in ("cut", "stall", "no_finish") and provider == "openai" else after
         try:
+            if mode.name not in ("cut", "stall", "no_finish") and not chunk_delay:
+                # An instant answer arrives as one body write, as a fast model's first burst does; per-token
+                # arrival is what chunk_delay is for.
+                await response.write(b"".join(events + tail))
+                await response.write_eof()
+                return response
             for position, event in enumerate(events):
                 if mode.name in ("cut", "stall", "no_finish") and position >= limit:
                     break
