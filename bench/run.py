@@ -115,17 +115,19 @@ def main() -> None:
         "python": platform.python_version(),
         "cores": {"server": 0, "load": 1},
     }
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
+    # Only a full run replaces the figures the README shows; a partial one (--only, --targets) goes beside them.
+    name = "latest" if only >= {"B1", "B2", "B3", "B4", "B5"} and not wanted else "partial"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
     md = markdown_table(lines)
-    (RESULTS / "latest.md").write_text(
+    (RESULTS / f"{name}.md").write_text(
         f"`make bench` ({meta['at']}, {args.duration} s per run, median of {args.reps}, server on core 0, load on core 1)\n\n"
         f"{md}\n"
     )
-    pngs = plot_all(rows)
+    pngs = plot_all(rows) if name == "latest" else []
     print()
     print(text_table(lines))
     print()
-    print(f"wrote {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}" + "".join(f", {p}" for p in pngs))
+    print(f"wrote {RESULTS / (name + '.json')}, {RESULTS / (name + '.md')}" + "".join(f", {p}" for p in pngs))
     print(f"wall time {wall:.0f} s")
 
 

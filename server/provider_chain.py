@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from loguru import logger
 
 from server.breaker import CircuitBreaker
-from server.providers.base import AIProvider, Finished, ProviderError, ProviderRequest, TextDelta
+from server.providers.base import AIProvider, ProviderError, ProviderRequest, TextDelta
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per token
 class ChainDelta:
     """Text from the provider now answering; `reset` drops what an interrupted provider wrote."""
 
@@ -72,7 +72,7 @@ class _StallWatchdog:
         self._timeout = first_token_timeout
         self._waiting_since: float | None = None
         self._fired = False
-        self.answered = False
+        self._answered = False
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._loop.time() + self._timeout, self._check)
 
     def waiting(self) -> None:
@@ -82,8 +82,8 @@ class _StallWatchdog:
     def received(self) -> None:
         """An event arrived; the idle timeout applies from now on."""
         self._waiting_since = None
-        if not self.answered:
-            self.answered = True
+        if not self._answered:
+            self._answered = True
             self._timeout = self._idle_timeout
             if self._idle_timeout < self._first_token_timeout:
                 self._arm(self._loop.time() + self._idle_timeout)
@@ -119,6 +119,8 @@ class _StallWatchdog:
         if self._task is not None:
             self._fired = True
             self._task.cancel()
+
+
 AttemptRecorder = Callable[[str, bool, float], None]
 """Told of every provider attempt (name, failed, seconds); the attempts also travel with the outcome."""
 
@@ -165,13 +167,27 @@ class ProviderChain:
                 continue
             started = time.perf_counter()
             parts: list[str] = []
+            # The provider's stream is read here directly (no generator in between: this runs once per token),
+            # under the first-token and idle timeouts.
+            events = provider.stream(request)
+            watchdog = _StallWatchdog(self._first_token_timeout, self._idle_timeout)
             try:
-                async with contextlib.aclosing(self._attempt(provider, request)) as attempt:
-                    async for event in attempt:
+                async with contextlib.aclosing(events):
+                    while True:
+                        watchdog.waiting()
+                        try:
+                            event = await anext(events)
+                        except StopAsyncIteration:
+                            raise ProviderError("stream ended without an answer") from None
+                        except asyncio.CancelledError:
+                            if watchdog.expired():
+                                raise ProviderError("stream stalled" if parts else "no first token in time") from None
+                            raise
+                        watchdog.received()
                         if isinstance(event, TextDelta):
                             if not parts and self._on_first_token is not None:
                                 self._on_first_token(provider.name, time.perf_counter() - started)
-                            yield ChainDelta(provider.name, event.text, reset=written_before and not parts)
+                            yield ChainDelta(provider.name, event.text, written_before and not parts)
                             parts.append(event.text)
                             continue
                         breaker.record_success()
@@ -203,6 +219,8 @@ class ProviderChain:
             except BaseException:
                 breaker.release_trial()
                 raise
+            finally:
+                watchdog.stop()
         yield ChainFailed(partial, tuple(reasons), tuple(attempts))
 
     async def complete(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> ChainDone | ChainFailed:
@@ -212,29 +230,6 @@ class ProviderChain:
                 if isinstance(event, ChainDone | ChainFailed):
                     return event
         raise RuntimeError("provider chain ended without an outcome")
-
-    async def _attempt(self, provider: AIProvider, request: ProviderRequest) -> AsyncIterator[TextDelta | Finished]:
-        """One provider's stream with the first-token and idle timeouts; closes its HTTP stream on any exit."""
-        stream = provider.stream(request)
-        watchdog = _StallWatchdog(self._first_token_timeout, self._idle_timeout)
-        async with contextlib.aclosing(stream):
-            try:
-                while True:
-                    watchdog.waiting()
-                    try:
-                        event = await anext(stream)
-                    except StopAsyncIteration:
-                        raise ProviderError("stream ended without an answer") from None
-                    except asyncio.CancelledError:
-                        if watchdog.expired():
-                            raise ProviderError("stream stalled" if watchdog.answered else "no first token in time") from None
-                        raise
-                    watchdog.received()
-                    yield event
-                    if isinstance(event, Finished):
-                        return
-            finally:
-                watchdog.stop()
 
     def _record(self, attempts: list[tuple[str, bool]], name: str, failed: bool, started: float) -> None:
         attempts.append((name, failed))

@@ -301,12 +301,14 @@ class ProviderDouble:
                 await response.write(b"".join(events + tail))
                 await response.write_eof()
                 return response
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             for position, event in enumerate(events):
                 if mode.name in ("cut", "stall", "no_finish") and position >= limit:
                     break
                 await response.write(event)
-                if chunk_delay:
-                    await asyncio.sleep(chunk_delay)
+                if chunk_delay:  # on a fixed schedule, so 10 ms means 100 tokens/s however long a write takes
+                    await asyncio.sleep(max(0.0, started + (position + 1) * chunk_delay - loop.time()))
             if mode.name == "cut":
                 request.transport.close()  # type: ignore[union-attr]
                 return response

@@ -27,7 +27,7 @@ class ProviderRequest:
     max_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per token, and a frozen dataclass's __init__ is several times slower
 class TextDelta:
     """A piece of the answer as the provider streams it."""
 

@@ -80,27 +80,36 @@ class OpenAIProvider(AIProvider):
             response = await self._client.post(
                 "/chat/completions", cast_to=httpx2.Response, content=orjson.dumps(self.body_for(request)), stream=True
             )
+            # Read raw unless content-encoded (the decoding layer costs a generator step per token), and parse
+            # the events here rather than in another generator: this loop runs once per token.
+            body = response.aiter_bytes() if response.headers.get("content-encoding") else response.aiter_raw()
+            pending = b""
+            done = False
             try:
-                async for chunk in _sse_json(response):
-                    if chunk.get("error"):
-                        raise ProviderError("error event in stream")
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    choices = chunk.get("choices")
-                    if not choices:
-                        continue
-                    choice = choices[0]
-                    token_logprobs: tuple[float, ...] = ()
-                    content_logprobs = (choice.get("logprobs") or {}).get("content")
-                    if content_logprobs:
-                        token_logprobs = tuple(float(t["logprob"]) for t in content_logprobs)
-                        logprobs.extend(token_logprobs)
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        text_seen = True
-                        yield TextDelta(text, token_logprobs)
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
+                async for part in body:
+                    chunks, pending, done = _sse_events(pending + part if pending else part)
+                    for chunk in chunks:
+                        if chunk.get("error"):
+                            raise ProviderError("error event in stream")
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        choices = chunk.get("choices")
+                        if not choices:
+                            continue
+                        choice = choices[0]
+                        token_logprobs: tuple[float, ...] = ()
+                        content_logprobs = (choice.get("logprobs") or {}).get("content")
+                        if content_logprobs:
+                            token_logprobs = tuple([float(t["logprob"]) for t in content_logprobs])
+                            logprobs.extend(token_logprobs)
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            text_seen = True
+                            yield TextDelta(text, token_logprobs)
+                        if choice.get("finish_reason"):
+                            finish_reason = choice["finish_reason"]
+                    if done:
+                        break
             finally:
                 await response.aclose()
         except ProviderError:
@@ -131,26 +140,23 @@ class MalformedStream(ValueError):
     """The body was not the server-sent events of Chat Completions."""
 
 
-async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
-    """Each `data:` event of a server-sent-events body as JSON, until `[DONE]` or the end."""
-    buffer = b""
-    async for part in response.aiter_bytes():
-        buffer += part
-        while True:
-            end = buffer.find(b"\n")
-            if end < 0:
-                break
-            line = buffer[:end].rstrip(b"\r")
-            buffer = buffer[end + 1 :]
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, `event:` and `id:` lines
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError as err:
-                raise MalformedStream("not JSON") from err
-            if not isinstance(event, dict):
-                raise MalformedStream("not an object")
-            yield event
+def _sse_events(buffer: bytes) -> tuple[list[dict[str, Any]], bytes, bool]:
+    """The complete `data:` events in `buffer` as JSON, the unfinished rest, and whether `[DONE]` came."""
+    if b"\n" not in buffer:
+        return [], buffer, False
+    *lines, rest = buffer.split(b"\n")
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        if not line.startswith(b"data:"):
+            continue  # blank separators, comments, `event:` and `id:` lines
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return events, b"", True
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError as err:
+            raise MalformedStream("not JSON") from err
+        if not isinstance(event, dict):
+            raise MalformedStream("not an object")
+        events.append(event)
+    return events, rest, False
