@@ -37,12 +37,12 @@ B5_FAULTS: dict[str, tuple[dict[str, str], dict[str, Any] | None]] = {
 
 def targets(peer_server: str, redis_url: str) -> list[Target]:
     """Every server under test, each on its own port."""
-    echo = str(ROOT / "bench/baselines/socketio_echo.py")
+    echo = ["-m", "bench.baselines.socketio_echo"]  # as a module from the repo root: it imports the server's middleware
     return [
         Target(THIS, [PY, "-m", "run"], 3301, chat=True),  # `-m run` with the repo root as cwd
         Target(PEER, ["node", peer_server], 3302, chat=True),
-        Target(ECHO, [PY, echo, "--port", "3303"], 3303),
-        Target(ECHO_REDIS, [PY, echo, "--port", "3304", "--redis", redis_url], 3304),
+        Target(ECHO, [PY, *echo, "--port", "3303"], 3303),
+        Target(ECHO_REDIS, [PY, *echo, "--port", "3304", "--redis", redis_url], 3304),
         Target(WS_ECHO, [PY, str(ROOT / "bench/baselines/aiohttp_ws_echo.py"), "--port", "3305"], 3305, protocol="ws"),
     ]
 

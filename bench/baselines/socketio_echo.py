@@ -1,7 +1,10 @@
 """Baseline: a bare python-socketio server that speaks the load driver's subset and echoes (optionally one Redis pipeline
 per message). It shows what the stack costs before any chat logic.
 
-Usage: python bench/baselines/socketio_echo.py --port 3201 [--redis redis://127.0.0.1:6390/0]
+WebSocket compression is refused the way this server refuses it (the issue compares memory "without compression");
+`--ws-compression` accepts it, as python-engineio's aiohttp driver does by default.
+
+Usage: python -m bench.baselines.socketio_echo --port 3201 [--redis redis://127.0.0.1:6390/0] [--ws-compression]
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import socketio
 import uvloop
 from aiohttp import web
 
+from server.middleware import no_ws_compression_middleware
 
-def build(redis_url: str | None) -> web.Application:
+
+def build(redis_url: str | None, ws_compression: bool = False) -> web.Application:
     """The echo app; with a Redis URL each message also costs one pipelined write, like a stored chat turn."""
     sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*")
-    app = web.Application()
+    app = web.Application(middlewares=[] if ws_compression else [no_ws_compression_middleware])
     sio.attach(app)
     store = aioredis.Redis.from_url(redis_url) if redis_url else None
 
@@ -52,8 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=3201)
     parser.add_argument("--redis", default=None)
+    parser.add_argument("--ws-compression", action="store_true")
     args = parser.parse_args()
-    web.run_app(build(args.redis), host="127.0.0.1", port=args.port, print=None, loop=uvloop.new_event_loop())
+    app = build(args.redis, args.ws_compression)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, loop=uvloop.new_event_loop())
 
 
 if __name__ == "__main__":
