@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import random
 import time
@@ -289,7 +290,16 @@ class ProviderDouble:
         self, provider: str, request: web.Request, mode: Mode, events: list[bytes], tail: list[bytes]
     ) -> web.StreamResponse:
         """Write an SSE body, applying the cut/stall/no_finish/slow behaviours."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        if mode.options.get("gzip"):  # a proxy in front of the provider compressing the event stream
+            headers["Content-Encoding"] = "gzip"
+            body = gzip.compress(b"".join(events + tail))
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            await response.write(body)
+            await response.write_eof()
+            return response
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         after = int(mode.options.get("after", 3))
         chunk_delay = float(mode.options.get("chunk_delay", 0))

@@ -177,3 +177,11 @@ async def test_knowledge_entries_go_into_the_system_prompt(server, connect, doub
     gemini_body = double.requests["gemini"][-1]["body"]
     instruction = json.dumps(gemini_body.get("systemInstruction") or gemini_body.get("system_instruction"))
     assert "<knowledge_base>" in instruction and "Visa" in instruction
+
+
+async def test_a_compressed_event_stream_is_read_like_a_plain_one(server, connect, double) -> None:
+    double.set_mode("openai", "ok", gzip=True)
+    client, session_id, _ = await joined_client(connect, server.url)
+    received = await ask(client, session_id, "squeezed?")
+    assert received["message"]["provider"] == "openai"
+    assert received["message"]["content"] == "Echo: squeezed?"

@@ -172,7 +172,8 @@ async def test_rejoin_mid_stream_on_another_process_gets_the_text_so_far(process
     progress = (await elsewhere.wait_for("chat-joined"))[0]["inProgress"]
     assert progress["text"] and progress["index"] >= 2
     received = await elsewhere.reply_to(timeout=10)
-    later = [c for c in elsewhere.of("message-chunk") if c["messageId"] == progress["messageId"] and c["index"] > progress["index"]]
+    chunks = elsewhere.of("message-chunk")
+    later = [c for c in chunks if c["messageId"] == progress["messageId"] and c["index"] > progress["index"]]
     assert [c["index"] for c in later] == list(range(progress["index"] + 1, progress["index"] + 1 + len(later)))
     assert progress["text"] + "".join(c["delta"] for c in later) == received["message"]["content"]
     assert received["message"]["content"].split() == [f"tok{i}" for i in range(60)]
