@@ -365,6 +365,7 @@ class ChatService:
             async for event in events:
                 if isinstance(event, ChainDelta):
                     await stream.add(event.text, event.provider, event.reset)
+                    await stream.pace()
                 elif isinstance(event, ChainInterrupted):
                     await stream.interrupted(event.provider, event.reason)
                 elif isinstance(event, ChainDone):

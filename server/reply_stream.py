@@ -52,6 +52,7 @@ class ReplyStream:
         self._index = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
+        self._trickling = False
         self._lock = asyncio.Lock()
         self.snapshot_saved = False
 
@@ -81,8 +82,24 @@ class ReplyStream:
             # A timer handle, and a task only if it fires: most short replies end before it does.
             self._timer = asyncio.get_running_loop().call_later(self._flush_seconds, self._flush_due)
 
+    async def pace(self) -> None:
+        """For a reply that trickles in, wait for the pending flush before reading on.
+
+        Once a timer has had to flush (the answer is slower than `flush_ms`), nothing is sent before the next
+        flush anyway; meanwhile the provider's tokens gather in the socket and are then read and parsed in one
+        go instead of waking the reply once per token (100 streams at 100 tokens/s: a large share of the CPU).
+        A fast answer never waits here.
+        """
+        if self._trickling and self._timer is not None:
+            due = self._timer.when()
+            self._timer.cancel()  # this task flushes at the due time itself: no timer task per chunk
+            self._timer = None
+            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+            await self.flush()
+
     def _flush_due(self) -> None:
         self._timer = None
+        self._trickling = True
         self._timed_flush = asyncio.create_task(self._flush_later())
 
     async def _flush_later(self) -> None:

@@ -88,6 +88,8 @@ class OpenAIProvider(AIProvider):
             try:
                 async for part in body:
                     chunks, pending, done = _sse_events(pending + part if pending else part)
+                    texts: list[str] = []  # what one read brought is passed on as one delta
+                    read_logprobs: list[float] = []
                     for chunk in chunks:
                         if chunk.get("error"):
                             raise ProviderError("error event in stream")
@@ -97,17 +99,19 @@ class OpenAIProvider(AIProvider):
                         if not choices:
                             continue
                         choice = choices[0]
-                        token_logprobs: tuple[float, ...] = ()
                         content_logprobs = (choice.get("logprobs") or {}).get("content")
                         if content_logprobs:
-                            token_logprobs = tuple([float(t["logprob"]) for t in content_logprobs])
+                            token_logprobs = [float(t["logprob"]) for t in content_logprobs]
                             logprobs.extend(token_logprobs)
+                            read_logprobs.extend(token_logprobs)
                         text = (choice.get("delta") or {}).get("content")
                         if text:
-                            text_seen = True
-                            yield TextDelta(text, token_logprobs)
+                            texts.append(text)
                         if choice.get("finish_reason"):
                             finish_reason = choice["finish_reason"]
+                    if texts:
+                        text_seen = True
+                        yield TextDelta("".join(texts), tuple(read_logprobs))
                     if done:
                         break
             finally:
