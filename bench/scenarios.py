@@ -138,14 +138,16 @@ def b2_b3(stack: Stack, target: Target, reps: int, duration: int) -> list[dict[s
     """B2 closed loop (healthy; OpenAI 500 for chat servers) and B3 fixed rates 100 and 500 msgs/s."""
     rows: list[dict[str, Any]] = []
     with stack.serving(target, tag="b2b3") as proc:
+        closed = ["--mode", "closed", "--sessions", "100"]
         for rep in range(1, reps + 1):
-            closed = ["--mode", "closed", "--sessions", "100"]
             rows.append(load_js(stack, target, proc.pid, "B2 closed 100", rep, duration, closed))
-            # B3 before the OpenAI-500 case: afterwards this server's breaker keeps OpenAI out for its cooldown.
             for rate, sessions in ((100, 50), (500, 100)):
                 rate_args = ["--mode", "rate", "--rate", str(rate), "--sessions", str(sessions)]
                 rows.append(load_js(stack, target, proc.pid, f"B3 rate {rate}", rep, duration, rate_args, dump=True))
-            if target.chat:
+        # The OpenAI-500 runs come last: afterwards this server's breaker keeps OpenAI out for its cooldown, which
+        # would turn any healthy run after them into a Gemini run.
+        if target.chat:
+            for rep in range(1, reps + 1):
                 rows.append(load_js(stack, target, proc.pid, "B2 closed 100, OpenAI 500", rep, duration, closed, OPENAI_500))
     return rows
 
