@@ -19,6 +19,8 @@ class Broadcaster(Protocol):
         """Send one event to a room of a namespace."""
 
 
+TRICKLE_GAP_SECONDS = 0.002  # deltas further apart than this were waited for: the provider is writing as it goes
+
 ReplyListener = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -53,6 +55,8 @@ class ReplyStream:
         self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
         self._trickling = False
+        self._last_delta_at = 0.0
+        self._delta_gap = 0.0
         self._lock = asyncio.Lock()
         self.snapshot_saved = False
 
@@ -75,6 +79,8 @@ class ReplyStream:
             self.text = ""
             self._pending_reset = True
         self.provider = provider
+        now = asyncio.get_running_loop().time()
+        self._delta_gap, self._last_delta_at = now - self._last_delta_at, now
         self._pending += delta
         if len(self._pending) >= self._flush_chars or self._flush_seconds == 0:
             await self.flush()
@@ -88,9 +94,10 @@ class ReplyStream:
         Once a timer has had to flush (the answer is slower than `flush_ms`), nothing is sent before the next
         flush anyway; meanwhile the provider's tokens gather in the socket and are then read and parsed in one
         go instead of waking the reply once per token (100 streams at 100 tokens/s: a large share of the CPU).
-        A fast answer never waits here.
+        A fast answer never waits here, nor one whose deltas come back to back (already read, only slowed down by
+        a busy process).
         """
-        if self._trickling and self._timer is not None:
+        if self._trickling and self._timer is not None and self._delta_gap >= TRICKLE_GAP_SECONDS:
             due = self._timer.when()
             self._timer.cancel()  # this task flushes at the due time itself: no timer task per chunk
             self._timer = None
