@@ -102,14 +102,15 @@ class ReplyStream:
             self._timer.cancel()  # this task flushes at the due time itself: no timer task per chunk
             self._timer = None
             await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
-            await self.flush()
+            await self._flush_in_time()
 
     def _flush_due(self) -> None:
         self._timer = None
         self._trickling = True
-        self._timed_flush = asyncio.create_task(self._flush_later())
+        self._timed_flush = asyncio.create_task(self._flush_in_time())
 
-    async def _flush_later(self) -> None:
+    async def _flush_in_time(self) -> None:
+        """A flush the timer (or pacing) asked for: a failed emit is logged, as the reply itself carries on."""
         try:
             await self.flush()
         except Exception as err:  # a failed emit must not become an orphan task error

@@ -304,8 +304,9 @@ class SessionManager:
             )
             pipe.expire(key, self.ttl_seconds)
             pipe.zadd(self._ACTIVE_KEY, {session.id: now * 1000})
-            pipe.hincrby(self._analytics_key(self._today()), "conversations", 1)
-            pipe.expire(self._analytics_key(self._today()), 40 * 86400)
+            analytics = self._analytics_key(utc_day())
+            pipe.hincrby(analytics, "conversations", 1)
+            pipe.expire(analytics, 40 * 86400)
             await pipe.execute()
         return session, token
 
@@ -687,10 +688,6 @@ class SessionManager:
     def _analytics_key(day: str) -> str:
         return f"{PREFIX}:analytics:{day}"
 
-    @staticmethod
-    def _today() -> str:
-        return utc_day()
-
     async def finish_reply(
         self,
         session_id: str,
@@ -746,7 +743,7 @@ class SessionManager:
 
     async def count_escalation(self, session_id: str, trigger: str) -> None:
         """An escalation today; the session stops counting as contained."""
-        day = self._today()
+        day = utc_day()
         key = self._analytics_key(day)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(key, f"escalation:{trigger}", 1)
@@ -767,7 +764,7 @@ class SessionManager:
         feedback_key = f"{PREFIX}:feedback:{{{session_id}}}"
         entry = {"messageId": message_id, "rating": rating, "comment": comment, "createdAt": now_iso()}
         previous = await self.redis.hget(feedback_key, message_id)
-        key = self._analytics_key(self._today())
+        key = self._analytics_key(utc_day())
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(feedback_key, message_id, orjson.dumps(entry))
             pipe.expire(feedback_key, self.ttl_seconds)
