@@ -43,14 +43,7 @@ def plot_all(rows: list[dict[str, Any]]) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("send-message → message-received, ms (log)")
     ax.set_ylabel("fraction of replies")
-    ax.set_title("B3 latency CDF at fixed offered rates")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = RESULTS / "latency_cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_finish(plt, fig, ax, "B3 latency CDF at fixed offered rates", "latency_cdf.png", grid="both"))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
@@ -61,12 +54,17 @@ def plot_all(rows: list[dict[str, Any]]) -> list[Path]:
         ax.plot(xs, ys, "o-", label=r["target"] + (" (joined)" if r.get("protocol") == "socketio" else " (connected)"))
     ax.set_xlabel("idle connections")
     ax.set_ylabel("server RSS, MB")
-    ax.set_title("B1 server memory against connections")
-    ax.grid(True, alpha=0.3)
+    written.append(_finish(plt, fig, ax, "B1 server memory against connections", "memory_vs_connections.png"))
+    return written
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, name: str, grid: str = "major") -> Path:
+    """Title, grid and legend, then the PNG under bench/results/."""
+    ax.set_title(title)
+    ax.grid(True, which=grid, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = RESULTS / "memory_vs_connections.png"
+    path = RESULTS / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -47,6 +47,16 @@ export function cpuMeter(pid) { // start() then stop() -> % of one core used by 
   };
 }
 
+// A closed-loop run's window: warm up, then measure for durMs with state.recording set; afterwards state.running is
+// false so no new message is sent. Returns the measured seconds and the CPU use of pid and of this driver.
+export async function measureWindow(warmMs, durMs, pid, state) {
+  await sleep(warmMs);
+  state.recording = true; const meter = cpuMeter(pid); meter.start(); const t0 = now();
+  await sleep(durMs);
+  state.recording = false; state.running = false;
+  return { secs: (now() - t0) / 1000, cpu: meter.stop() };
+}
+
 export function summary(values) {
   const s = Float64Array.from(values).sort();
   const pct = (p) => (s.length ? round(s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))]) : null);

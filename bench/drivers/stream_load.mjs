@@ -3,7 +3,7 @@
 // the streamed answer) arrives, so that many answers stream at once for the whole run. Counts `message-chunk` events
 // (the events the server pushes while an answer is written) in the measured window.
 // Prints one JSON line: chunk events/s in total and per stream, streamed chars/s per stream, server CPU %.
-import { parseArgs, sleep, now, round, cpuMeter, summary, connectSocketIO, emitAck, emitResult } from './common.mjs';
+import { parseArgs, now, round, measureWindow, summary, connectSocketIO, emitAck, emitResult } from './common.mjs';
 
 const args = parseArgs();
 const URL_ = (args.url || 'http://127.0.0.1:3301').replace(/\/$/, '');
@@ -13,7 +13,7 @@ const WARM = +(args.warmup ?? 3) * 1000;
 const SPID = +(args['server-pid'] || 0);
 
 const c = { chunks: 0, chars: 0, replies: 0, typing: 0, errors: 0, ackErrors: 0 };
-let recording = false; let running = true; let seq = 0;
+const state = { recording: false, running: true }; let seq = 0;
 const gaps = []; // ms between consecutive chunks of one stream
 const sessions = [];
 for (let i = 0; i < S; i += 50) { // join in batches of 50
@@ -31,24 +31,20 @@ for (const s of sessions) {
   };
   s.sock.on('message-chunk', (ev) => {
     const t = now();
-    if (recording) { c.chunks++; c.chars += (ev.delta || '').length; if (s.last) gaps.push(t - s.last); }
+    if (state.recording) { c.chunks++; c.chars += (ev.delta || '').length; if (s.last) gaps.push(t - s.last); }
     s.last = t;
   });
-  s.sock.on('assistant-typing', () => { if (recording) c.typing++; });
+  s.sock.on('assistant-typing', () => { if (state.recording) c.typing++; });
   s.sock.on('chat-error', () => { c.errors++; });
   s.sock.on('message-received', (ev) => {
     const role = ev && ev.message && ev.message.role;
     if (role !== 'assistant' && role !== 'system') return;
-    if (recording) c.replies++;
-    if (running) send();
+    if (state.recording) c.replies++;
+    if (state.running) send();
   });
   send();
 }
-await sleep(WARM);
-recording = true; const meter = cpuMeter(SPID); meter.start(); const t0 = now();
-await sleep(DUR);
-recording = false; running = false;
-const secs = (now() - t0) / 1000; const cpu = meter.stop();
+const { secs, cpu } = await measureWindow(WARM, DUR, SPID, state);
 for (const s of sessions) s.sock.close();
 emitResult({ driver: 'stream_load', url: URL_, sessions: sessions.length, measuredSecs: round(secs),
   chunkEventsPerSec: round(c.chunks / secs, 1), chunkEventsPerSecPerStream: round(c.chunks / secs / sessions.length, 2),
