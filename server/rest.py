@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from loguru import logger
 
+from server import json_codec
 from server.errors import ApiError, unauthorized
 from server.keys import (
     AGENT_DIRECTORY,
@@ -40,12 +41,22 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 async def json_body(request: web.Request) -> Any:
-    """The parsed body; invalid JSON is the client's validation error, an oversized body a 413."""
-    raw = await request.read()
+    """The parsed body under the server's JSON policy (server/json_codec.py), whatever the Content-Type.
+
+    JSON the policy refuses, or a body that cannot be read (a broken gzip/deflate Content-Encoding), is the
+    client's validation error; an oversized body is a 413 (aiohttp).
+    """
     try:
-        return json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError("validation_error", "The body must be valid JSON.") from None
+        raw = await request.read()
+    except web.RequestPayloadError as err:
+        reason = str(getattr(err.__cause__, "message", "") or "The body is malformed.")
+        raise ApiError("validation_error", "The body could not be read.", {"body": reason}) from None
+    if not raw:
+        return None
+    try:
+        return json_codec.loads(raw)
+    except json_codec.InvalidJson as err:
+        raise ApiError("validation_error", "The body must be valid JSON.", {"body": str(err)}) from None
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -65,19 +76,24 @@ async def create_session(request: web.Request) -> web.Response:
     )
 
 
-async def _authorized_message(request: web.Request) -> dict[str, Any]:
-    data = load(request.app[SCHEMAS].send_message, await json_body(request))
+async def _admit_message(request: web.Request, session_id: str) -> None:
+    """The session's own token, and room in its rate limit (a token verified here before passes in an outage)."""
     token = bearer_token(request)
     if token is None:
         raise unauthorized()
-    await request.app[SESSIONS].authenticate(data["sessionId"], token)
-    await request.app[RATE_LIMITS].check_message(data["sessionId"])
-    return data
+    await request.app[SESSIONS].authenticate(session_id, token)
+    await request.app[RATE_LIMITS].check_message(session_id)
 
 
 async def send_message(request: web.Request) -> web.Response:
-    data = await _authorized_message(request)
-    _, done = await request.app[CHAT_SERVICE].submit(data["sessionId"], data["message"], data.get("clientMessageId"))
+    data = load(request.app[SCHEMAS].send_message, await json_body(request))
+    # The message's place in its session's queue is taken on arrival, before authentication is awaited.
+    _, done = await request.app[CHAT_SERVICE].submit(
+        data["sessionId"],
+        data["message"],
+        data.get("clientMessageId"),
+        admit=lambda: _admit_message(request, data["sessionId"]),
+    )
     result = await done
     return web.json_response(
         {
@@ -90,21 +106,32 @@ async def send_message(request: web.Request) -> web.Response:
 
 
 async def send_message_stream(request: web.Request) -> web.StreamResponse:
-    """The streaming twin of send_message: Server-Sent Events `chunk`, `done`, `error`."""
-    data = await _authorized_message(request)
+    """The streaming twin of send_message: Server-Sent Events `accepted`, `chunk`, `interrupted`, `done`, `error`."""
+    data = load(request.app[SCHEMAS].send_message, await json_body(request))
+    early: list[tuple[str, dict[str, Any]]] = []  # what the reply sent before the event stream was open
+    opened: list[Any] = []
+
+    async def forward(kind: str, payload: dict[str, Any]) -> None:
+        if kind not in ("chunk", "interrupted"):
+            return
+        if not opened:
+            early.append((kind, payload))
+            return
+        await opened[0].send(json.dumps(payload), event=kind)
+
+    stored, done = await request.app[CHAT_SERVICE].submit(
+        data["sessionId"],
+        data["message"],
+        data.get("clientMessageId"),
+        listener=forward,
+        admit=lambda: _admit_message(request, data["sessionId"]),
+    )
     async with sse_response(request, allow_all_methods=True) as sse:
-
-        async def forward(kind: str, payload: dict[str, Any]) -> None:
-            if kind == "chunk":
-                await sse.send(json.dumps(payload), event="chunk")
-            elif kind == "interrupted":
-                await sse.send(json.dumps(payload), event="interrupted")
-
+        await sse.send(json.dumps({"userMessage": stored}), event="accepted")
+        for kind, payload in early:
+            await sse.send(json.dumps(payload), event=kind)
+        opened.append(sse)
         try:
-            stored, done = await request.app[CHAT_SERVICE].submit(
-                data["sessionId"], data["message"], data.get("clientMessageId"), listener=forward
-            )
-            await sse.send(json.dumps({"userMessage": stored}), event="accepted")
             result = await done
             await sse.send(
                 json.dumps(

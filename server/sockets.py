@@ -12,6 +12,7 @@ from loguru import logger
 from server.chat_service import ChatService
 from server.errors import ApiError
 from server.handoff import HandoffService
+from server.json_codec import MalformedPayload
 from server.rate_limits import RateLimits
 from server.schemas import Schemas, load
 from server.sessions import SessionManager
@@ -35,6 +36,8 @@ def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, n
         session_id = payload.get("sessionId") if isinstance(payload, dict) else None
         with logger.contextualize(sid=sid, session=session_id):
             try:
+                if isinstance(payload, MalformedPayload):
+                    raise ApiError("validation_error", "The payload must be valid JSON.", {"payload": payload.reason})
                 if _has_binary(args):
                     raise ApiError("validation_error", "Binary attachments are not accepted.")
                 answer = {"ok": True, **await handler(sid, payload)}
@@ -166,9 +169,15 @@ class CustomerEvents:
 
     async def send_message(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.send_message, payload)
-        await self._joined(sid, data["sessionId"])
-        await self.limits.check_message(data["sessionId"])
-        stored, _ = await self.chat.submit(data["sessionId"], data["message"], data.get("clientMessageId"))
+        session_id = data["sessionId"]
+
+        async def admit() -> None:
+            await self._joined(sid, session_id)
+            await self.limits.check_message(session_id)
+
+        # Nothing is awaited before submit takes the message's place in the session's queue: a socket's events
+        # run as separate tasks, so arrival order is kept only if the place is taken on arrival.
+        stored, _ = await self.chat.submit(session_id, data["message"], data.get("clientMessageId"), admit=admit)
         return {"messageId": stored["id"]}
 
     async def escalate(self, sid: str, payload: Any) -> dict[str, Any]:

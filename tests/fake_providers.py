@@ -123,6 +123,8 @@ class ProviderDouble:
         """Faults that happen before any answer: status errors, hangs, dropped connections."""
         if mode.options.get("delay"):
             await asyncio.sleep(mode.options["delay"])
+        if mode.options.get("delays"):  # one delay per request, in the order requests arrive
+            await asyncio.sleep(mode.options["delays"].pop(0))
         if mode.name == "flaky":
             if random.random() >= float(mode.options.get("fail_rate", 0.5)):
                 return None
