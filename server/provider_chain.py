@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from loguru import logger
 
-from server.breaker import CircuitBreaker
+from server.breaker import CircuitBreaker, claim_panic_probe
 from server.providers.base import AIProvider, ProviderError, ProviderRequest, TextDelta
 
 
@@ -139,9 +139,10 @@ class ProviderChain:
         idle_timeout: float,
         record_attempt: AttemptRecorder | None = None,
         on_first_token: Callable[[str, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.providers = list(providers)
-        self.breakers = {p.name: CircuitBreaker(failure_threshold, cooldown) for p in self.providers}
+        self.breakers = {p.name: CircuitBreaker(failure_threshold, cooldown, clock) for p in self.providers}
         self._first_token_timeout = min(first_token_timeout, request_timeout)
         self._idle_timeout = idle_timeout
         self._record_attempt = record_attempt
@@ -152,19 +153,46 @@ class ProviderChain:
         """Providers that are configured, in failover order."""
         return [p.name for p in self.providers if p.configured]
 
-    async def stream(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> AsyncIterator[ChainEvent]:
-        """Yield the answer as it is written, failing over before or after the first delta."""
+    def _to_try(self, skip: tuple[str, ...], passive: bool, reasons: list[str]) -> Iterator[AIProvider]:
+        """The providers to call, in order, each checked with its breaker just before its turn.
+
+        When every breaker refuses, the one whose open period ends first is probed anyway (panic mode), so a
+        provider that came back answers at once instead of after its cooldown. Passive callers never probe.
+        """
+        candidates = [p for p in self.providers if p.configured and p.name not in skip]
+        tried = False
+        for provider in candidates:
+            breaker = self.breakers[provider.name]
+            if not (breaker.state == "closed" if passive else breaker.allow()):
+                reasons.append(f"{provider.name}: circuit {breaker.state}")
+                continue
+            tried = True
+            yield provider
+        if tried or passive:
+            return
+        probe = claim_panic_probe([(p, self.breakers[p.name]) for p in candidates])
+        if probe is None:  # every circuit already has a trial in flight: fail fast rather than pile on
+            return
+        logger.warning("every provider's circuit is open: probing {} before its cooldown ends", probe.name)
+        yield probe
+
+    async def stream(
+        self, request: ProviderRequest, skip: tuple[str, ...] = (), *, passive: bool = False
+    ) -> AsyncIterator[ChainEvent]:
+        """Yield the answer as it is written, failing over before or after the first delta.
+
+        `passive` calls (background summaries) use only providers whose circuit is closed and leave every
+        breaker as it was: they never count a failure, close a circuit, take a half-open trial or probe.
+        """
         reasons: list[str] = []
         attempts: list[tuple[str, bool]] = []
         partial = ""
         written_before = False
-        for provider in self.providers:
-            if not provider.configured or provider.name in skip:
-                continue
+        for provider in self._to_try(skip, passive, reasons):
             breaker = self.breakers[provider.name]
-            if not breaker.allow():
-                reasons.append(f"{provider.name}: circuit open")
-                continue
+            # Read at once (no await since the breaker said yes): whether this call holds the trial slot, that is
+            # it is a half-open trial or a panic probe rather than a call that found the circuit closed.
+            trial = not passive and breaker.trial_running
             started = time.perf_counter()
             parts: list[str] = []
             # The provider's stream is read here directly (no generator in between: this runs once per token),
@@ -190,7 +218,8 @@ class ProviderChain:
                             yield ChainDelta(provider.name, event.text, written_before and not parts)
                             parts.append(event.text)
                             continue
-                        breaker.record_success()
+                        if not passive:
+                            breaker.record_success(trial)
                         self._record(attempts, provider.name, False, started)
                         yield ChainDone(
                             provider.name,
@@ -202,7 +231,8 @@ class ProviderChain:
                         )
                         return
             except ProviderError as err:
-                breaker.record_failure(err.retry_after)
+                if not passive:
+                    breaker.record_failure(err.retry_after, trial)
                 self._record(attempts, provider.name, True, started)
                 reasons.append(f"{provider.name}: {err.reason}")
                 logger.warning(
@@ -217,15 +247,18 @@ class ProviderChain:
                     partial = "".join(parts)
                     yield ChainInterrupted(provider.name, err.reason)
             except BaseException:
-                breaker.release_trial()
+                if trial:  # only the holder frees the slot: another call's probe may be in flight
+                    breaker.release_trial()
                 raise
             finally:
                 watchdog.stop()
         yield ChainFailed(partial, tuple(reasons), tuple(attempts))
 
-    async def complete(self, request: ProviderRequest, skip: tuple[str, ...] = ()) -> ChainDone | ChainFailed:
+    async def complete(
+        self, request: ProviderRequest, skip: tuple[str, ...] = (), *, passive: bool = False
+    ) -> ChainDone | ChainFailed:
         """The whole answer without streaming it anywhere (for summaries)."""
-        async with contextlib.aclosing(self.stream(request, skip)) as events:
+        async with contextlib.aclosing(self.stream(request, skip, passive=passive)) as events:
             async for event in events:
                 if isinstance(event, ChainDone | ChainFailed):
                     return event

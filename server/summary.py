@@ -16,7 +16,10 @@ SUMMARY_PROMPT = (
 
 
 class ConversationSummarizer:
-    """Asks the provider chain (never the offline knowledge base) and falls back to the customer's own words."""
+    """Asks the provider chain (never the offline knowledge base) and falls back to the customer's own words.
+
+    It reads the circuit breakers but never moves them: the breakers measure what customers' messages meet.
+    """
 
     def __init__(self, chain: ProviderChain, sessions: SessionManager, max_messages: int = 30) -> None:
         self._chain = chain
@@ -34,6 +37,10 @@ class ConversationSummarizer:
                 outcome = await self._chain.complete(
                     ProviderRequest(system_prompt=SUMMARY_PROMPT, history=(), message=conversation, max_tokens=200),
                     skip=("local",),
+                    # A summary runs right after the failure that escalated the conversation: counting it would
+                    # open circuits on one outage twice as fast, and a probe of its own could hold the one trial
+                    # slot a customer's message needs. It has its fallback, so it only uses closed circuits.
+                    passive=True,
                 )
             except Exception as err:
                 logger.warning("summary for {} failed: {}", session_id, type(err).__name__)

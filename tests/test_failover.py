@@ -8,7 +8,8 @@ import json
 import aiohttp
 import pytest
 
-from tests.conftest import RunningServer, free_port, joined_client
+from tests.conftest import Recorder, RunningServer, free_port, joined_client
+from tests.fake_providers import ProviderDouble
 
 
 async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:
@@ -185,3 +186,105 @@ async def test_a_compressed_event_stream_is_read_like_a_plain_one(server, connec
     received = await ask(client, session_id, "squeezed?")
     assert received["message"]["provider"] == "openai"
     assert received["message"]["content"] == "Echo: squeezed?"
+
+
+async def states(server: RunningServer) -> dict[str, str]:
+    """Each provider's circuit state, as health reports it."""
+    return {p["name"]: p["state"] for p in (await health(server))["providers"]}
+
+
+async def open_every_circuit(server: RunningServer, client: Recorder, session_id: str, double: ProviderDouble) -> None:
+    """Fail messages (both providers answering 500) until health shows both circuits open."""
+    double.set_mode("both", "status", status=500)
+    for _ in range(10):
+        received = await ask(client, session_id, "anyone there?")
+        assert received["message"]["role"] == "system"
+        if await states(server) == {"openai": "open", "gemini": "open"}:
+            return
+    raise AssertionError(f"circuits never all opened: {await states(server)}")
+
+
+async def wait_requests(double: ProviderDouble, provider: str, count: int) -> None:
+    """Until the double has seen `count` requests for the provider (the call is in flight)."""
+    for _ in range(500):
+        if len(double.requests[provider]) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{provider} never got request {count}")
+
+
+async def test_when_every_circuit_is_open_a_recovered_provider_answers_at_once(start_server, connect, double) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"), provider_cooldown=300)
+    client, session_id, _ = await joined_client(connect, server.url)
+    await open_every_circuit(server, client, session_id, double)
+
+    double.set_mode("both", "ok")
+    gemini_calls = len(double.requests["gemini"])
+    received = await ask(client, session_id, "are you back?")
+    # openai opened first, so its open period ends first: it is the one probed, long before its 300 s cooldown
+    assert received["message"]["role"] == "assistant" and received["message"]["provider"] == "openai"
+    assert received["message"]["content"] == "Echo: are you back?" and received["escalation"] is None
+    assert len(double.requests["gemini"]) == gemini_calls  # exactly one provider probed
+    assert await states(server) == {"openai": "closed", "gemini": "open"}
+
+
+async def test_a_failed_probe_reopens_its_circuit_and_the_message_escalates(start_server, connect, double) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"), provider_cooldown=300)
+    client, session_id, _ = await joined_client(connect, server.url)
+    await open_every_circuit(server, client, session_id, double)
+    before = {p: len(double.requests[p]) for p in ("openai", "gemini")}
+
+    received = await ask(client, session_id, "still down?")
+    assert received["message"]["role"] == "system" and "follow up" in received["message"]["content"]
+    assert received["escalation"]["trigger"] == "error"
+    assert {p: len(double.requests[p]) - before[p] for p in before} == {"openai": 1, "gemini": 0}
+    assert await states(server) == {"openai": "open", "gemini": "open"}
+
+    # openai's failed probe re-opened it for a whole cooldown, so gemini's open period now ends first
+    await ask(client, session_id, "and now?")
+    assert {p: len(double.requests[p]) - before[p] for p in before} == {"openai": 1, "gemini": 1}
+    assert await states(server) == {"openai": "open", "gemini": "open"}
+
+
+async def test_concurrent_messages_in_a_panic_probe_each_dead_provider_once(start_server, connect, double) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"), provider_cooldown=300)
+    client, session_id, _ = await joined_client(connect, server.url)
+    await open_every_circuit(server, client, session_id, double)
+    before = {p: len(double.requests[p]) for p in ("openai", "gemini")}
+    double.set_mode("both", "hang")  # probes hang until the 2 s first-token timeout
+    others = [await joined_client(connect, server.url, user_id=f"u{i}") for i in range(4)]
+
+    async def send(index: int) -> str:
+        other, other_session, _ = others[index]
+        sent = await other.call("send-message", {"sessionId": other_session, "message": "hello?"})
+        assert sent["ok"], sent
+        return sent["messageId"]
+
+    first = await send(0)
+    await wait_requests(double, "openai", before["openai"] + 1)
+    second = await send(1)
+    await wait_requests(double, "gemini", before["gemini"] + 1)  # openai is being probed: the next one is
+    assert await states(server) == {"openai": "open", "gemini": "open"}  # true states while probes are in flight
+    # both dead providers are being probed: further messages fail fast instead of piling on
+    for index in (2, 3):
+        message_id = await send(index)
+        received = await others[index][0].reply_to(message_id)
+        assert received["message"]["role"] == "system" and received["escalation"]["trigger"] == "error"
+    for index, message_id in ((0, first), (1, second)):
+        received = await others[index][0].reply_to(message_id)
+        assert received["message"]["role"] == "system" and received["escalation"]["trigger"] == "error"
+    assert {p: len(double.requests[p]) - before[p] for p in before} == {"openai": 1, "gemini": 1}
+    assert await states(server) == {"openai": "open", "gemini": "open"}
+
+
+async def test_an_escalation_summary_does_not_count_towards_opening_a_circuit(start_server, connect, double) -> None:
+    server = await start_server(ai_providers=("openai", "gemini"), provider_failure_threshold=2)
+    client, session_id, _ = await joined_client(connect, server.url)
+    double.set_mode("both", "status", status=500)
+    received = await ask(client, session_id, "anyone there?")
+    assert received["escalation"]["trigger"] == "error"
+    await client.wait_for("contact-requested")  # the ticket, with its summary, is written
+    assert {p: len(double.requests[p]) for p in ("openai", "gemini")} == {"openai": 2, "gemini": 2}
+    assert await states(server) == {"openai": "closed", "gemini": "closed"}
+    await ask(client, session_id, "hello?")  # the second failed message opens both
+    assert await states(server) == {"openai": "open", "gemini": "open"}
