@@ -3,7 +3,11 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = 'supportChat.agentKey';
-const state = { socket: null, key: sessionStorage.getItem(KEY_STORE), current: null, shown: new Set() };
+const RETRY_BASE_MS = 1000;
+const RETRY_MAX_MS = 5000;
+const state = {
+  socket: null, key: sessionStorage.getItem(KEY_STORE), current: null, shown: new Set(), retries: 0, retryTimer: null,
+};
 
 const { toast, loadClient } = window.chatUi;
 
@@ -86,8 +90,8 @@ function endConversation() {
 }
 
 async function loadTickets() {
-  const response = await fetch('/api/v1/tickets', { headers: { Authorization: `Bearer ${state.key}` } });
-  if (!response.ok) return;
+  const response = await fetch('/api/v1/tickets', { headers: { Authorization: `Bearer ${state.key}` } }).catch(() => null);
+  if (!response || !response.ok) return;
   const { tickets } = await response.json();
   $('tickets').replaceChildren(...tickets.map((t) => {
     const li = document.createElement('li');
@@ -112,27 +116,76 @@ async function loadTickets() {
   }));
 }
 
+// The server answered the namespace connect with "unauthorized": the key itself is wrong, retrying cannot help.
+function keyRefused(err) {
+  return Boolean(err && err.data && err.data.code === 'unauthorized');
+}
+
+function showSignedIn(signedIn) {
+  $('sign-in').hidden = signedIn;
+  $('sign-out').hidden = !signedIn;
+}
+
+function refuse(socket, err) {
+  clearTimeout(state.retryTimer);
+  setStatus('offline', 'Sign-in refused');
+  toast(err.data.message || 'Could not connect with that key.');
+  sessionStorage.removeItem(KEY_STORE);
+  state.key = null;
+  socket.close();
+  showSignedIn(false);
+  endConversation();
+}
+
+// socket.io-client retries transport failures by itself, but not a connect the server answered with an error or
+// a disconnect the server asked for: those are retried here, with the same kind of capped, jittered backoff.
+function retryLater(socket) {
+  clearTimeout(state.retryTimer);
+  const delay = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** state.retries) * (0.5 + Math.random());
+  state.retries += 1;
+  state.retryTimer = setTimeout(() => { if (state.socket === socket && !socket.connected) socket.connect(); }, delay);
+}
+
+function reconnecting(attempt) {
+  setStatus('reconnecting', attempt ? `Reconnecting… (attempt ${attempt})` : 'Reconnecting…');
+}
+
 function connect() {
   if (state.socket) state.socket.close();
+  clearTimeout(state.retryTimer);
+  state.retries = 0;
   setStatus('connecting', 'Connecting…');
-  const socket = window.io('/agents', { auth: { key: state.key }, transports: ['websocket', 'polling'] });
+  const socket = window.io('/agents', {
+    auth: { key: state.key },
+    transports: ['websocket', 'polling'],
+    reconnection: true,
+    reconnectionDelay: RETRY_BASE_MS,
+    reconnectionDelayMax: RETRY_MAX_MS,
+  });
   state.socket = socket;
+  window.agentConsole = { socket };
   socket.on('connect', async () => {
+    clearTimeout(state.retryTimer);
+    state.retries = 0;
     setStatus('connected', 'Signed in');
-    $('sign-in').hidden = true;
-    $('sign-out').hidden = false;
+    showSignedIn(true);
     sessionStorage.setItem(KEY_STORE, state.key);
     const ack = await call('get-queue', {});
     if (ack) renderQueue(ack.queue);
     loadTickets();
   });
   socket.on('connect_error', (err) => {
-    setStatus('offline', 'Sign-in refused');
-    toast(err && err.data && err.data.message ? err.data.message : 'Could not connect with that key.');
-    sessionStorage.removeItem(KEY_STORE);
-    socket.close();
+    if (keyRefused(err)) { refuse(socket, err); return; }
+    // Unreachable, restarting or refusing for another reason: keep the key and keep trying.
+    reconnecting();
+    if (!socket.active) retryLater(socket);
   });
-  socket.on('disconnect', () => setStatus('connecting', 'Reconnecting…'));
+  socket.io.on('reconnect_attempt', reconnecting);
+  socket.on('disconnect', (reason) => {
+    if (reason === 'io client disconnect') return;
+    reconnecting();
+    if (!socket.active) retryLater(socket);
+  });
   socket.on('queue-updated', (e) => renderQueue(e.queue));
   socket.on('message-received', (e) => { if (e.sessionId === state.current) showMessage(e.message); });
   socket.on('session-ended', (e) => {
@@ -144,10 +197,11 @@ function wire() {
   $('sign-in-form').addEventListener('submit', (e) => { e.preventDefault(); state.key = $('agent-key').value.trim(); if (state.key) connect(); });
   $('sign-out').addEventListener('click', () => {
     sessionStorage.removeItem(KEY_STORE);
+    clearTimeout(state.retryTimer);
     state.socket?.close();
+    state.key = null;
     setStatus('offline', 'Signed out');
-    $('sign-in').hidden = false;
-    $('sign-out').hidden = true;
+    showSignedIn(false);
     endConversation();
   });
   $('reply-form').addEventListener('submit', async (e) => {

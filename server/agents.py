@@ -47,9 +47,10 @@ class AgentEvents:
         name = self.directory.name_for(key)
         if name is None:
             logger.warning("agent connection refused (bad or missing key)")
-            raise socketio.exceptions.ConnectionRefusedError(
-                {"code": "unauthorized", "message": "A valid agent key is required."}
-            )
+            # Two arguments: the client's connect_error gets `message` and `data` = {code, message}, so a page can
+            # tell a refused key (data.code == "unauthorized") from a server it cannot reach.
+            message = "A valid agent key is required."
+            raise socketio.exceptions.ConnectionRefusedError(message, {"code": "unauthorized", "message": message})
         await self.sio.save_session(sid, {"agent": name}, namespace=AGENTS_NAMESPACE)
         await self.sio.enter_room(sid, AGENTS_ROOM, namespace=AGENTS_NAMESPACE)
         await self.handoff.agent_connected(sid, name)

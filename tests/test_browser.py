@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Error as PlaywrightError
 
 from server.settings import Secret
+from tests.fake_providers import ProviderDouble
+from tests.test_processes import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -130,6 +134,92 @@ async def test_agent_console_and_customer_page_together(browser, start_server, d
     await expect(agent.locator("#transcript")).to_contain_text("thanks Alex", timeout=10000)
     await agent.click("#release")
     await expect(customer.locator('.msg[data-role="system"]').last).to_contain_text("assistant is back", timeout=10000)
+
+
+AGENT_KEY_STORE = "supportChat.agentKey"
+
+
+async def stored_agent_key(page: Page) -> str | None:
+    """The key the console keeps in sessionStorage for this tab."""
+    return await page.evaluate("(name) => sessionStorage.getItem(name)", AGENT_KEY_STORE)
+
+
+async def test_agent_console_survives_a_server_restart(browser, redis_url: str, double: ProviderDouble, connect) -> None:
+    server = ServerProcess({
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": double.openai_base_url,
+        "GEMINI_API_KEY": "g-test",
+        "GEMINI_BASE_URL": double.gemini_base_url,
+        "AGENT_API_KEYS": "alex:alex-key-123",
+        "SHUTDOWN_GRACE": "1",
+    })
+    try:
+        await server.start()
+        agent = await (await browser.new_context()).new_page()
+        errors: list[str] = []
+        agent.on("pageerror", lambda exc: errors.append(str(exc)))
+        await agent.goto(server.url + "/agent")
+        await agent.fill("#agent-key", "alex-key-123")
+        await agent.click("#sign-in")
+        status = agent.locator("#agent-status")
+        await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
+        await agent.evaluate("window.sameDocument = true")
+
+        await server.stop()  # a graceful restart (SIGTERM), as a deploy does
+        await expect(status).to_have_attribute("data-state", "reconnecting", timeout=10000)
+        await expect(status).to_contain_text("Reconnecting")
+        assert await stored_agent_key(agent) == "alex-key-123"
+        await expect(agent.locator("#sign-out")).to_be_visible()
+
+        await server.start()  # the same port
+        await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
+        assert await agent.evaluate("window.sameDocument") is True  # reconnected without a page reload
+        customer = await connect(server.url)
+        joined = await customer.call("join-chat", {"userId": "after-restart"})
+        assert (await customer.call("escalate", {"sessionId": joined["sessionId"], "reason": "back after restart"}))["ok"]
+        await expect(agent.locator("#queue .queue-entry").first).to_contain_text("back after restart", timeout=10000)
+        await customer.disconnect()
+
+        # a crash, and a reload while the server is down, keep the key: back up, the console signs in by itself
+        await server.stop(signal.SIGKILL)
+        with pytest.raises(PlaywrightError):
+            await agent.reload()
+        await server.start()
+        await agent.goto(server.url + "/agent")
+        await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
+        await expect(agent.locator("#queue .queue-entry").first).to_contain_text("back after restart", timeout=10000)
+        assert await stored_agent_key(agent) == "alex-key-123"
+        assert errors == []
+    finally:
+        await server.stop(signal.SIGKILL)  # a graceful stop would wait for the console's socket
+
+
+async def test_agent_console_refuses_and_forgets_a_wrong_key(browser, start_server) -> None:
+    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123")),))
+    agent = await (await browser.new_context()).new_page()
+    await agent.goto(server.url + "/agent")
+    status = agent.locator("#agent-status")
+    await agent.fill("#agent-key", "not-a-key")
+    await agent.click("#sign-in")
+    await expect(status).to_have_attribute("data-state", "offline", timeout=15000)
+    await expect(status).to_have_text("Sign-in refused")
+    await expect(agent.locator("#toast")).to_have_text("A valid agent key is required.")
+    assert await stored_agent_key(agent) is None
+    await expect(agent.locator("#sign-in")).to_be_visible()
+    await expect(agent.locator("#sign-out")).to_be_hidden()
+
+    # a stored key the server no longer accepts is refused and cleared too, not retried
+    await agent.evaluate("([name, key]) => sessionStorage.setItem(name, key)", [AGENT_KEY_STORE, "revoked-key"])
+    await agent.reload()
+    await expect(status).to_have_text("Sign-in refused", timeout=15000)
+    assert await stored_agent_key(agent) is None
+    assert await agent.evaluate("window.agentConsole.socket.active") is False
+
+    await agent.fill("#agent-key", "alex-key-123")
+    await agent.click("#sign-in")
+    await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
+    assert await stored_agent_key(agent) == "alex-key-123"
 
 
 async def test_dashboard_draws_the_analytics(browser, start_server, connect, double) -> None:
