@@ -14,15 +14,41 @@ from server.errors import ApiError, validation_error
 
 # C0/C1 control characters except tab, newline and carriage return.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _ID_PATTERN = validate.Regexp(r"^[A-Za-z0-9_.:@\-]{1,128}$", error="Use 1-128 letters, digits or _.:@-")
 
 
-class CleanString(fields.String):
+class Text(fields.String):
+    """A string that is valid Unicode: a lone surrogate (JSON allows `\\ud800`) can be neither stored nor sent."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not text.isascii() and _SURROGATES.search(text):
+            raise ValidationError("Not valid Unicode text (a lone surrogate).")
+        return text
+
+
+class CleanString(Text):
     """A string normalized to NFC with control characters removed, so stored text is what users see."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         return _CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text))
+
+
+class MessageText(CleanString):
+    """A chat message: over `max_length` characters (once cleaned) is payload_too_large, not a validation error."""
+
+    def __init__(self, max_length: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > self.max_length:
+            limit = f"At most {self.max_length} characters (got {len(text)})."
+            raise ApiError("payload_too_large", f"The message is too long. {limit}", {attr or "message": limit})
+        return text
 
 
 class StrictSchema(Schema):
@@ -36,10 +62,14 @@ def _metadata_field(max_bytes: int) -> fields.Dict:
     """Free-form client metadata, capped so it cannot bloat the session record."""
 
     def small_enough(value: dict[str, Any]) -> None:
-        if len(json.dumps(value, ensure_ascii=False).encode()) > max_bytes:
+        try:
+            size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode())
+        except ValueError:  # a lone surrogate or a non-finite number (the JSON decoder already refuses both)
+            raise ValidationError("Not valid JSON data.") from None
+        if size > max_bytes:
             raise ValidationError(f"At most {max_bytes} bytes of JSON.")
 
-    return fields.Dict(keys=fields.String(validate=validate.Length(max=64)), load_default=dict, validate=small_enough)
+    return fields.Dict(keys=Text(validate=validate.Length(max=64)), load_default=dict, validate=small_enough)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +93,8 @@ class Schemas:
 def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
     """Make schemas that know the configured limits (marshmallow 4 has no context)."""
 
-    message_field = CleanString(
+    message_field = MessageText(
+        max_message_length,
         required=True,
         validate=[
             validate.Length(min=1, max=max_message_length, error=f"Between 1 and {max_message_length} characters."),
@@ -79,11 +110,11 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
         sessionId = fields.String(required=True, validate=_ID_PATTERN)
         message = message_field
         clientMessageId = fields.String(validate=_ID_PATTERN, allow_none=True)
-        token = fields.String(validate=validate.Length(max=256))
+        token = Text(validate=validate.Length(max=256))
 
     class JoinChatSchema(StrictSchema):
         sessionId = fields.String(validate=_ID_PATTERN)
-        token = fields.String(validate=validate.Length(min=1, max=256))
+        token = Text(validate=validate.Length(min=1, max=256))
         afterMessageId = fields.String(validate=_ID_PATTERN, allow_none=True)
         userId = CleanString(validate=validate.Length(min=1, max=128))
         metadata = _metadata_field(metadata_max_bytes)
@@ -101,11 +132,11 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
     class EscalateSchema(StrictSchema):
         sessionId = fields.String(required=True, validate=_ID_PATTERN)
         reason = CleanString(validate=validate.Length(max=500), allow_none=True)
-        token = fields.String(validate=validate.Length(max=256))
+        token = Text(validate=validate.Length(max=256))
 
     class SessionRefSchema(StrictSchema):
         sessionId = fields.String(required=True, validate=_ID_PATTERN)
-        token = fields.String(validate=validate.Length(max=256))
+        token = Text(validate=validate.Length(max=256))
 
     class HistoryQuerySchema(StrictSchema):
         limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
@@ -114,7 +145,7 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
     class ProvideContactSchema(StrictSchema):
         sessionId = fields.String(required=True, validate=_ID_PATTERN)
         email = fields.Email(required=True, validate=validate.Length(max=254))
-        token = fields.String(validate=validate.Length(max=256))
+        token = Text(validate=validate.Length(max=256))
 
     class AgentSessionSchema(StrictSchema):
         sessionId = fields.String(required=True, validate=_ID_PATTERN)
@@ -135,7 +166,7 @@ def build_schemas(max_message_length: int, metadata_max_bytes: int) -> Schemas:
         messageId = fields.String(required=True, validate=_ID_PATTERN)
         rating = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
         comment = CleanString(load_default=None, allow_none=True, validate=validate.Length(max=1000))
-        token = fields.String(validate=validate.Length(max=256))
+        token = Text(validate=validate.Length(max=256))
 
     return Schemas(
         create_session=CreateSessionSchema(),

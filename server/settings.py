@@ -93,6 +93,7 @@ class Settings:
     knowledge_in_prompt: int = 3
     ws_compression: bool = False
     max_body_bytes: int = 64 * 1024
+    socket_max_packet_bytes: int = 1_000_000
     metadata_max_bytes: int = 4096
     agent_api_keys: tuple[tuple[str, Secret], ...] = ()
     handoff_message: str = (
@@ -184,6 +185,7 @@ class Settings:
             knowledge_dir=Path(env.str("KNOWLEDGE_DIR", str(defaults.knowledge_dir))),
             knowledge_in_prompt=env.int("KNOWLEDGE_IN_PROMPT", defaults.knowledge_in_prompt),
             ws_compression=env.bool("WS_COMPRESSION", defaults.ws_compression),
+            socket_max_packet_bytes=env.int("SOCKET_MAX_PACKET_BYTES", defaults.socket_max_packet_bytes),
             agent_api_keys=parse_agent_keys(env.str("AGENT_API_KEYS", "")),
             handoff_message=env.str("HANDOFF_MESSAGE", defaults.handoff_message),
             agent_wait_timeout=env.float("AGENT_WAIT_TIMEOUT", defaults.agent_wait_timeout),

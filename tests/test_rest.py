@@ -132,7 +132,7 @@ async def test_message_length_limit_is_exact(server: RunningServer, redis_sync) 
     session = await new_session(server)
     url = f"{server.url}/api/v1/chat/message"
     status, body, _ = await post(url, {"sessionId": session["sessionId"], "message": "x" * 4001}, session["token"])
-    assert status == 400 and body["error"]["code"] == "validation_error" and "message" in body["error"]["details"]
+    assert status == 413 and body["error"]["code"] == "payload_too_large" and "message" in body["error"]["details"]
     assert redis_sync.llen(f"chat:history:{{{session['sessionId']}}}") == 0
     status, body, _ = await post(url, {"sessionId": session["sessionId"], "message": "x" * 4000}, session["token"])
     assert status == 200 and len(body["userMessage"]["content"]) == 4000
