@@ -164,7 +164,9 @@ function streamingRow(messageId, provider) {
 function onChunk(chunk) {
   if (chunk.sessionId !== state.sessionId) return;
   const last = state.streams.has(chunk.messageId) ? state.streams.get(chunk.messageId) : -1;
-  if (chunk.index <= last) return; // already shown (resume)
+  // Already shown (resume) — unless it starts the reply over: a reply taken over from a server that stopped
+  // goes on under the same id, and its first chunk resets what the stopped one had sent.
+  if (chunk.index <= last && !chunk.reset) return;
   const li = streamingRow(chunk.messageId, chunk.provider);
   const text = li.querySelector('.msg-text');
   if (chunk.reset) { text.textContent = ''; li.querySelector('.note')?.remove(); }

@@ -54,6 +54,9 @@ class AgentEvents:
         await self.sio.save_session(sid, {"agent": name}, namespace=AGENTS_NAMESPACE)
         await self.sio.enter_room(sid, AGENTS_ROOM, namespace=AGENTS_NAMESPACE)
         await self.handoff.agent_connected(sid, name)
+        # A reconnecting agent (page reload, server restart) goes back into the conversations it holds.
+        for session_id in await self.handoff.sessions.sessions_held_by(name):
+            await self.sio.enter_room(sid, agent_session_room(session_id), namespace=AGENTS_NAMESPACE)
         logger.info("agent {} connected", name)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:

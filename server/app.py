@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 from loguru import logger
@@ -22,6 +20,7 @@ from server.chat_service import ChatService
 from server.escalation import EscalationRules
 from server.handoff import HandoffService
 from server.health import HealthService
+from server.json_codec import SocketIOCodec
 from server.keys import (
     AGENT_DIRECTORY,
     AGENT_EVENTS,
@@ -32,6 +31,7 @@ from server.keys import (
     HANDOFF,
     HEALTH,
     METRICS,
+    OPEN_WEBSOCKETS,
     OPENAPI,
     RATE_LIMITS,
     REDIS,
@@ -48,6 +48,7 @@ from server.middleware import (
     cors_middleware,
     errors_middleware,
     no_ws_compression_middleware,
+    websocket_registry_middleware,
 )
 from server.openapi import build_openapi
 from server.pages import setup_pages
@@ -66,30 +67,9 @@ from server.settings import Settings
 from server.socket_manager import DirectEmitManager, GuardedRedisManager
 from server.socket_server import ChatSocketServer
 from server.sockets import CustomerEvents
+from server.spool import Spool
 from server.summary import ConversationSummarizer
 from server.write_behind import WriteBehindStore
-
-
-class _OrjsonCodec:
-    """Socket.IO's JSON through orjson (the packet encoder is on every emit's hot path).
-
-    orjson refuses what the standard library accepts (integers beyond 64 bits, odd floats), so those
-    rare packets fall back to `json` rather than failing.
-    """
-
-    @staticmethod
-    def dumps(obj: Any, **kwargs: Any) -> str:
-        try:
-            return orjson.dumps(obj).decode()
-        except TypeError:
-            return json.dumps(obj, separators=(",", ":"))
-
-    @staticmethod
-    def loads(data: str | bytes, **_: Any) -> Any:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return json.loads(data)
 
 
 class SocketBroadcaster:
@@ -124,11 +104,18 @@ def build_providers(settings: Settings, knowledge: KnowledgeBase) -> list[AIProv
 def create_app(settings: Settings) -> web.Application:
     """Everything the server needs, wired once; start-up and clean-up hooks own the I/O."""
     configure_logging(settings)
-    middlewares = [errors_middleware, access_log_middleware, cors_middleware(settings.cors_origins)]
+    open_websockets: set[asyncio.BaseTransport] = set()
+    middlewares = [
+        websocket_registry_middleware(open_websockets),
+        errors_middleware,
+        access_log_middleware,
+        cors_middleware(settings.cors_origins),
+    ]
     if not settings.ws_compression:
         middlewares.insert(0, no_ws_compression_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[OPEN_WEBSOCKETS] = open_websockets
 
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
     redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
@@ -154,8 +141,8 @@ def create_app(settings: Settings) -> web.Application:
         client_manager=redis_manager or DirectEmitManager(),
         async_mode="aiohttp",
         cors_allowed_origins=list(settings.cors_origins) or None,
-        max_http_buffer_size=max(settings.max_body_bytes, settings.max_message_length * 4 + 4096),
-        json=_OrjsonCodec,
+        max_http_buffer_size=max(settings.socket_max_packet_bytes, settings.max_message_length * 4 + 4096),
+        json=SocketIOCodec,
         logger=False,
         engineio_logger=False,
     )
@@ -189,7 +176,12 @@ def create_app(settings: Settings) -> web.Application:
         instance_id=instance_id,
         metrics=metrics,
     )
-    store = WriteBehindStore(sessions, capacity=settings.write_behind_capacity)
+    store = WriteBehindStore(
+        sessions,
+        capacity=settings.write_behind_capacity,
+        spool=Spool(settings.data_dir / "spool", instance_id),
+        lease_owner=instance_id,
+    )
     chat = ChatService(
         sessions=sessions,
         chain=chain,
@@ -212,6 +204,7 @@ def create_app(settings: Settings) -> web.Application:
         token_budget_per_session=settings.token_budget_per_session,
         token_budget_per_day=settings.token_budget_per_day,
         metrics=metrics,
+        instance_id=instance_id,
     )
     limits = RateLimits(
         sessions,
@@ -257,14 +250,32 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def _graceful_shutdown(app: web.Application) -> None:
-    """No longer listening: let replies in progress finish and be stored, then close sockets so clients reconnect."""
-    await app[CHAT_SERVICE].drain(timeout=app[SETTINGS].shutdown_grace)
-    await app[CHAT_SERVICE].store.drain(timeout=5)
+    """No longer listening (aiohttp closed the listener first): drain, then close every socket at once.
+
+    Replies being written get up to SHUTDOWN_GRACE to finish and be stored (then they are stored as incomplete);
+    messages not yet stored are refused so their clients retry; the timers stop; every socket's transport is
+    closed at once, which socket.io clients answer by reconnecting (elsewhere, or here when it is back).
+    """
+    settings = app[SETTINGS]
+    chat = app[CHAT_SERVICE]
+    logger.info(
+        "shutdown began: no new connections; {} replies in flight get up to {:g} s; {} sockets will be closed",
+        len(chat.generating),
+        settings.shutdown_grace,
+        len(app[SIO].eio.sockets),
+    )
+    app[HANDOFF].stop_sweeper()
+    await chat.drain(timeout=settings.shutdown_grace)
+    await chat.store.drain(timeout=2)
     sio = app[SIO]
     if sio.eio.sockets:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(sio.eio.disconnect(), 5)
-    await sio.shutdown()
+            await asyncio.wait_for(sio.eio.disconnect(), 1)
+    for transport in list(app[OPEN_WEBSOCKETS]):
+        transport.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sio.shutdown(), 1)
+    logger.info("shutdown: sockets closed, stopping background tasks")
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -282,9 +293,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ",".join(app[CHAIN].usable_names) or "none",
         settings.redis_mode,
     )
+    adopted = app[CHAT_SERVICE].store.adopt_orphans()
+    if adopted:
+        logger.warning("{} buffered writes from a process that stopped will be written to Redis", adopted)
+    app[CHAT_SERVICE].start()
+    sio = app[SIO]
+    if not sio.manager_initialized:
+        # python-socketio starts its manager on the first connection; started now, the Redis manager's pub/sub
+        # (and its probe, which /health/ready reads) works before any visitor arrives.
+        sio.manager_initialized = True
+        sio.manager.initialize()
     sweeper = asyncio.create_task(app[HANDOFF].run_sweeper(), name="handoff-sweeper")
     yield
     app[HANDOFF].stop_sweeper()
+    await app[CHAT_SERVICE].aclose()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(sweeper, 5)
     await app[HANDOFF].aclose()
@@ -296,3 +318,4 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[REDIS].aclose()
     if embedded is not None:
         await embedded.stop()
+    logger.info("shutdown complete")

@@ -206,7 +206,8 @@ class HandoffService:
                 "status": "open",
                 "trigger": trigger,
                 "reason": reason,
-                "summary": await self.summarizer.summarize(session_id),
+                # Shutting down: no model call now (the transcript is kept); a summary would hold the exit up.
+                "summary": None if self._stopping.is_set() else await self.summarizer.summarize(session_id),
                 "transcript": await self.sessions.transcript(session_id),
                 "contact": None,
                 "createdAt": now_iso(),
@@ -310,11 +311,18 @@ class HandoffService:
 
     async def run_sweeper(self, interval: float = 1.0) -> None:
         """The timer loop; every process runs one, Redis scripts make sure each expiry happens once."""
+        failing = False
         while not self._stopping.is_set():
             try:
                 await self.sweep()
             except Exception as err:
-                logger.warning("handoff sweep failed: {}", type(err).__name__)
+                if not failing:  # once per outage, not once a second
+                    logger.warning("handoff sweep failed: {} (retrying every {:g} s)", type(err).__name__, interval)
+                failing = True
+            else:
+                if failing:
+                    logger.info("handoff sweep works again")
+                failing = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
 

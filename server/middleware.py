@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -93,3 +94,26 @@ async def no_ws_compression_middleware(request: web.Request, handler: Handler) -
         del headers["Sec-WebSocket-Extensions"]
         request = request.clone(headers=headers)
     return await handler(request)
+
+
+def websocket_registry_middleware(
+    open_websockets: set[asyncio.BaseTransport],
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Remember the connection under every WebSocket, so shutdown can close them all at once.
+
+    An Engine.IO CLOSE packet alone leaves the connection to the client, and browsers wait for the TCP side to
+    close; shutdown closes it instead, which clients answer by reconnecting.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None or request.headers.get("Upgrade", "").lower() != "websocket":
+            return await handler(request)
+        open_websockets.add(transport)
+        try:
+            return await handler(request)
+        finally:
+            open_websockets.discard(transport)
+
+    return middleware

@@ -38,6 +38,8 @@ class ReplyStream:
         flush_chars: int,
         listener: ReplyListener | None = None,
         snapshots: bool = True,
+        first_index: int = 0,
+        reset_first: bool = False,
     ) -> None:
         self.session_id = session_id
         self.message_id = message_id
@@ -50,8 +52,8 @@ class ReplyStream:
         self._listener = listener
         self._snapshots = snapshots
         self._pending = ""
-        self._pending_reset = False
-        self._index = -1
+        self._pending_reset = reset_first
+        self._index = first_index - 1
         self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
         self._trickling = False
@@ -63,13 +65,13 @@ class ReplyStream:
     @property
     def written(self) -> dict[str, Any] | None:
         """What the room has been sent so far (`messageId`, `text`, `index`), for a socket joining mid-reply."""
-        if self._index < 0:
+        if not self.text:
             return None
         return {"messageId": self.message_id, "text": self.text, "index": self._index}
 
     @property
     def chunks_sent(self) -> int:
-        """How many chunk events went out."""
+        """How many chunk events went out (a taken-over reply counts from where it resumed)."""
         return self._index + 1
 
     async def add(self, delta: str, provider: str, reset: bool) -> None:

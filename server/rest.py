@@ -44,10 +44,13 @@ async def json_body(request: web.Request) -> Any:
     """The parsed body under the server's JSON policy (server/json_codec.py), whatever the Content-Type.
 
     JSON the policy refuses, or a body that cannot be read (a broken gzip/deflate Content-Encoding), is the
-    client's validation error; an oversized body is a 413 (aiohttp).
+    client's validation error; a body over the size limit is payload_too_large (413).
     """
     try:
         raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = f"At most {request.client_max_size} bytes."
+        raise ApiError("payload_too_large", f"The request body is too large. {limit}", {"body": limit}) from None
     except web.RequestPayloadError as err:
         reason = str(getattr(err.__cause__, "message", "") or "The body is malformed.")
         raise ApiError("validation_error", "The body could not be read.", {"body": reason}) from None

@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,11 +24,23 @@ from server.errors import ApiError, unauthorized
 
 PREFIX = "chat"
 
+# What an unreachable Redis raises through redis-py (and the socket errors beneath it).
+REDIS_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, OSError, TimeoutError)
+VERIFIED_TOKENS_KEPT = 20_000
+
 # Appends one message atomically: refuses unknown sessions, honours clientMessageId idempotence,
 # keeps the id->position index, renews every TTL, and returns the context that preceded it.
+# A message id already stored (a buffered write retried after its answer was lost) is a duplicate too. With an
+# owner (ARGV[9]) and outside an agent's hold, the answer this message now awaits is leased to that owner
+# until ARGV[10] (ms): KEYS[7] says which reply it will be, KEYS[8] holds every lease by expiry, so another
+# process finishes the reply if its owner dies (see take_expired_leases). A lease found there already belongs
+# to a reply nobody finished (its owner died; whoever appends holds the session's turn), and is returned so
+# the caller answers that message first.
 _APPEND_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, false, {}, ''} end
+local known = redis.call('HGET', KEYS[3], ARGV[1])
+if known then return {0, redis.call('LINDEX', KEYS[2], tonumber(known)), {}, state} end
 if ARGV[3] ~= '' then
   local existing = redis.call('HGET', KEYS[4], ARGV[3])
   if existing then
@@ -41,6 +54,13 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[6])
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[8])
+local orphan = false
+if ARGV[9] ~= '' and state ~= 'agent' then
+  orphan = redis.call('GET', KEYS[7])
+  redis.call('SET', KEYS[7], cjson.encode({replyTo = ARGV[1], replyId = ARGV[11], owner = ARGV[9], attempt = 1}),
+    'EX', ARGV[4])
+  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[8])
+end
 local context = {}
 local want = tonumber(ARGV[7])
 if want > 0 and n > 1 then
@@ -50,12 +70,13 @@ if want > 0 and n > 1 then
 end
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
 local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
-return {1, ARGV[2], context, state, tokens, day_tokens}
+return {1, ARGV[2], context, state, tokens, day_tokens, orphan}
 """
 
 
-# Stores a finished reply with all its book-keeping in one round trip: the message(s) in order, the streamed
-# text forgotten, tokens for the budgets, the day's analytics and the provider usage counters.
+# Stores a finished reply with all its book-keeping in one round trip: the message(s) in order (ids already
+# stored are skipped, so a retried write stores nothing twice), the streamed text forgotten, the reply's lease
+# released, tokens for the budgets, the day's analytics and the provider usage counters.
 _FINISH_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local n_attempts = tonumber(ARGV[10])
@@ -84,9 +105,13 @@ end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
 for i = 11 + 2 * n_attempts, #ARGV, 2 do
-  local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-  redis.call('HSET', KEYS[3], ARGV[i], n - 1)
+  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
+    local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], n - 1)
+  end
 end
+redis.call('DEL', KEYS[10])
+redis.call('ZREM', KEYS[11], ARGV[4])
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[4])
@@ -149,6 +174,60 @@ return entry
 """
 
 
+# Keeps an escalation with its session and counts it in today's analytics, once per ARGV[1] (trigger and time):
+# a buffered escalation written again after a partial failure stores and counts nothing twice.
+_ESCALATION_SCRIPT = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'escalation:' .. ARGV[4], 1)
+redis.call('SADD', KEYS[4], ARGV[5])
+redis.call('EXPIRE', KEYS[3], 3456000)
+redis.call('EXPIRE', KEYS[4], 3456000)
+return 1
+"""
+
+# Takes over replies whose owner stopped renewing their lease (it died): each expired lease becomes this
+# process's (ARGV[2]) until ARGV[3], with its attempt counted; the dead owner's streamed text is forgotten (so
+# no rejoin shows a reply that will never finish) and its last chunk index kept as `resumeIndex`, so the new
+# writer goes on under the same message id; the session lock it held (token "<owner>:...") is freed at once.
+# Returns {sessionId, pending json, ...}.
+_TAKE_LEASES_SCRIPT = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+local taken = {}
+for _, session_id in ipairs(due) do
+  local pending_key = ARGV[5] .. session_id .. ARGV[6]
+  local raw = redis.call('GET', pending_key)
+  if raw then
+    local pending = cjson.decode(raw)
+    local lock_key = ARGV[8] .. session_id .. ARGV[6]
+    local holder = redis.call('GET', lock_key)
+    if holder and pending.owner and string.sub(holder, 1, #pending.owner + 1) == pending.owner .. ':' then
+      redis.call('DEL', lock_key)
+    end
+    pending.owner = ARGV[2]
+    pending.attempt = (tonumber(pending.attempt) or 1) + 1
+    local snapshot_key = ARGV[7] .. session_id .. ARGV[6]
+    local snapshot = redis.call('GET', snapshot_key)
+    if snapshot then
+      local streamed = cjson.decode(snapshot)
+      if streamed.messageId == pending.replyId then pending.resumeIndex = tonumber(streamed.index) end
+      redis.call('DEL', snapshot_key)
+    end
+    local encoded = cjson.encode(pending)
+    redis.call('SET', pending_key, encoded, 'KEEPTTL')
+    redis.call('ZADD', KEYS[1], ARGV[3], session_id)
+    table.insert(taken, session_id)
+    table.insert(taken, encoded)
+  else
+    redis.call('ZREM', KEYS[1], session_id)
+  end
+end
+return taken
+"""
+
+
 def now_iso(ts: float | None = None) -> str:
     """Contract timestamps: ISO 8601 in UTC with milliseconds."""
     moment = datetime.fromtimestamp(ts if ts is not None else time.time(), tz=UTC)
@@ -197,6 +276,16 @@ class AppendResult:
     state: str
     session_tokens: int = 0
     day_tokens: int = 0
+    orphan: dict[str, Any] | None = None  # an earlier message's reply that nobody finished (see _APPEND_SCRIPT)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLease:
+    """Who answers a stored message, and until when without renewing: a dead owner's reply is taken over."""
+
+    owner: str
+    reply_id: str
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +303,9 @@ class SessionManager:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
         self._snapshots = _SnapshotWriter(redis, ttl_seconds)
+        # Sessions whose token this process verified (or issued), so their owners keep chatting while Redis is
+        # unreachable: {sessionId: (token digest, session, verified at)}, least recently verified first.
+        self._verified: OrderedDict[str, tuple[str, Session, float]] = OrderedDict()
         self._append = redis.register_script(_APPEND_SCRIPT)
         self._finish = redis.register_script(_FINISH_SCRIPT)
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
@@ -221,6 +313,8 @@ class SessionManager:
         self._claim = redis.register_script(_CLAIM_SCRIPT)
         self._release = redis.register_script(_RELEASE_SCRIPT)
         self._expire_waiting = redis.register_script(_EXPIRE_WAITING_SCRIPT)
+        self._take_leases = redis.register_script(_TAKE_LEASES_SCRIPT)
+        self._escalate = redis.register_script(_ESCALATION_SCRIPT)
 
     # Keys -------------------------------------------------------------------------------
     @staticmethod
@@ -244,8 +338,16 @@ class SessionManager:
         return f"{PREFIX}:escalations:{{{session_id}}}"
 
     @staticmethod
+    def _escalation_ids_key(session_id: str) -> str:
+        return f"{PREFIX}:escalationids:{{{session_id}}}"
+
+    @staticmethod
     def _in_flight_key(session_id: str) -> str:
         return f"{PREFIX}:inflight:{{{session_id}}}"
+
+    @staticmethod
+    def _pending_key(session_id: str) -> str:
+        return f"{PREFIX}:pending:{{{session_id}}}"
 
     @staticmethod
     def _ticket_key(ticket_id: str) -> str:
@@ -262,6 +364,7 @@ class SessionManager:
     _TICKETS_KEY = f"{PREFIX}:tickets"
     _ACTIVE_KEY = f"{PREFIX}:active"
     _USAGE_KEY = f"{PREFIX}:usage"
+    _LEASES_KEY = f"{PREFIX}:replyleases"
 
     def _keys(self, session_id: str) -> list[str]:
         return [
@@ -271,6 +374,8 @@ class SessionManager:
             self._client_ids_key(session_id),
             self._escalations_key(session_id),
             self._in_flight_key(session_id),
+            self._pending_key(session_id),
+            self._escalation_ids_key(session_id),
         ]
 
     def _expires_at(self, now: float) -> str:
@@ -308,6 +413,7 @@ class SessionManager:
             pipe.hincrby(analytics, "conversations", 1)
             pipe.expire(analytics, 40 * 86400)
             await pipe.execute()
+        self._remember(session, _hash_token(token))
         return session, token
 
     async def get(self, session_id: str) -> Session | None:
@@ -316,13 +422,33 @@ class SessionManager:
         return self._to_session(session_id, raw) if raw else None
 
     async def authenticate(self, session_id: str, token: str | None) -> Session:
-        """The session when the token is its own; one `unauthorized` for every other case."""
-        raw = await self.redis.hgetall(self._session_key(session_id))
-        expected = raw.get(b"tokenHash", b"").decode() if raw else ""
+        """The session when the token is its own; one `unauthorized` for every other case.
+
+        While Redis is unreachable, a token this process verified within the session's lifetime still passes;
+        any other raises the connection error (the caller answers `unavailable`).
+        """
         presented = _hash_token(token or "")
+        try:
+            raw = await self.redis.hgetall(self._session_key(session_id))
+        except REDIS_DOWN:
+            known = self._verified.get(session_id)
+            if token and known and hmac.compare_digest(known[0], presented) and time.time() - known[2] < self.ttl_seconds:
+                return known[1]
+            raise
+        expected = raw.get(b"tokenHash", b"").decode() if raw else ""
         if not raw or not token or not hmac.compare_digest(expected, presented):
+            self._verified.pop(session_id, None)
             raise unauthorized()
-        return self._to_session(session_id, raw)
+        session = self._to_session(session_id, raw)
+        self._remember(session, presented)
+        return session
+
+    def _remember(self, session: Session, token_digest: str) -> None:
+        """Keep a verified token (bounded, least recently verified dropped first)."""
+        self._verified[session.id] = (token_digest, session, time.time())
+        self._verified.move_to_end(session.id)
+        if len(self._verified) > VERIFIED_TOKENS_KEPT:
+            self._verified.popitem(last=False)
 
     async def touch(self, session_id: str) -> str:
         """Renew every key's TTL on activity; returns the new expiry."""
@@ -359,11 +485,21 @@ class SessionManager:
         *,
         client_message_id: str | None = None,
         context_size: int = 0,
+        lease: ReplyLease | None = None,
     ) -> AppendResult:
-        """Store a message in order; a repeated clientMessageId returns the first message instead."""
+        """Store a message in order; a repeated clientMessageId (or message id) returns the first message instead.
+
+        With a `lease`, the reply this message awaits is leased to its owner in the same step.
+        """
         now = time.time()
-        keys = [*self._keys(session_id)[:4], self._ACTIVE_KEY, self._day_tokens_key()]
-        status, stored, context, state, *tokens = await self._append(
+        keys = [
+            *self._keys(session_id)[:4],
+            self._ACTIVE_KEY,
+            self._day_tokens_key(),
+            self._pending_key(session_id),
+            self._LEASES_KEY,
+        ]
+        status, stored, context, state, *rest = await self._append(
             keys=keys,
             args=[
                 message["id"],
@@ -374,6 +510,9 @@ class SessionManager:
                 self._expires_at(now),
                 context_size,
                 session_id,
+                lease.owner if lease else "",
+                int(now * 1000 + lease.seconds * 1000) if lease else 0,
+                lease.reply_id if lease else "",
             ],
         )
         if status == -1:
@@ -383,8 +522,9 @@ class SessionManager:
             duplicate=status == 0,
             context=[orjson.loads(item) for item in context],
             state=state.decode() if isinstance(state, bytes) else str(state),
-            session_tokens=int(tokens[0]) if tokens else 0,
-            day_tokens=int(tokens[1]) if len(tokens) > 1 else 0,
+            session_tokens=int(rest[0]) if rest else 0,
+            day_tokens=int(rest[1]) if len(rest) > 1 else 0,
+            orphan=orjson.loads(rest[2]) if len(rest) > 2 and rest[2] else None,
         )
 
     @staticmethod
@@ -432,10 +572,12 @@ class SessionManager:
                 return message
         return None
 
-    def session_lock(self, session_id: str, timeout: float = 10, wait: float = 120) -> Lock:
+    def session_lock(self, session_id: str, timeout: float = 5, wait: float = 120) -> Lock:
         """A Redis lock so one session's messages are handled one at a time across processes.
 
-        Short-lived and renewed by its holder, so a crashed process frees the session within seconds.
+        Short-lived and renewed by its holder, so a crashed process frees the session within seconds. Its
+        holder acquires it with a token that starts with its instance id and a colon: a process that takes
+        over the dead holder's reply frees the lock at once (see take_expired_leases).
         """
         return self.redis.lock(f"{PREFIX}:lock:{{{session_id}}}", timeout=timeout, blocking_timeout=wait)
 
@@ -465,14 +607,86 @@ class SessionManager:
             "provider": snapshot.get("provider") or None,
         }
 
-    # Escalations ------------------------------------------------------------------------
-    async def record_escalation(self, session_id: str, escalation: dict[str, Any]) -> None:
-        """Keep every escalation with the session."""
-        key = self._escalations_key(session_id)
+    async def message_with_context(
+        self, session_id: str, message_id: str, context_size: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """A stored message and the `context_size` messages before it, to answer it again after a crash."""
+        position = await self.redis.hget(self._index_key(session_id), message_id)
+        if position is None:
+            return None
+        end = int(position)
+        raw = await self.redis.lrange(self._history_key(session_id), max(0, end - context_size), end)
+        if not raw:
+            return None
+        items = [orjson.loads(item) for item in raw]
+        return items[-1], items[:-1]
+
+    # Reply leases -------------------------------------------------------------------------
+    async def renew_leases(self, session_ids: Sequence[str], seconds: float) -> None:
+        """The owner is alive: push its replies' leases forward (only leases that still exist)."""
+        if not session_ids:
+            return
+        expiry = int(time.time() * 1000 + seconds * 1000)
+        await self.redis.zadd(self._LEASES_KEY, dict.fromkeys(session_ids, expiry), xx=True)
+
+    async def take_expired_leases(self, owner: str, seconds: float, limit: int = 20) -> list[tuple[str, dict[str, Any]]]:
+        """Replies whose owner died, now leased to `owner`: `(sessionId, {replyTo, replyId, attempt})`."""
+        now_ms = int(time.time() * 1000)
+        raw = await self._take_leases(
+            keys=[self._LEASES_KEY],
+            args=[
+                now_ms,
+                owner,
+                now_ms + int(seconds * 1000),
+                limit,
+                f"{PREFIX}:pending:{{",
+                "}",
+                f"{PREFIX}:inflight:{{",
+                f"{PREFIX}:lock:{{",
+            ],
+        )
+        return [(raw[i].decode(), orjson.loads(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def lease(self, session_id: str, message_id: str, lease: ReplyLease) -> None:
+        """Lease the reply a stored message awaits (again, after an orphan's reply was finished first)."""
+        pending = {"replyTo": message_id, "replyId": lease.reply_id, "owner": lease.owner, "attempt": 1}
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, orjson.dumps(escalation))
-            pipe.expire(key, self.ttl_seconds)
+            pipe.set(self._pending_key(session_id), orjson.dumps(pending), ex=self.ttl_seconds)
+            pipe.zadd(self._LEASES_KEY, {session_id: int(time.time() * 1000 + lease.seconds * 1000)})
             await pipe.execute()
+
+    async def release_lease(self, session_id: str) -> None:
+        """The awaited reply exists after all: nothing is left to finish."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._pending_key(session_id))
+            pipe.zrem(self._LEASES_KEY, session_id)
+            await pipe.execute()
+
+    async def lease_alive(self, session_id: str) -> bool:
+        """Whether the reply being written for this session still has a live owner."""
+        expiry = await self.redis.zscore(self._LEASES_KEY, session_id)
+        return expiry is not None and expiry > time.time() * 1000
+
+    # Escalations ------------------------------------------------------------------------
+    async def record_escalation(self, session_id: str, escalation: dict[str, Any]) -> bool:
+        """Keep an escalation with the session and count it for today, once (a replayed write adds nothing)."""
+        day_key = self._analytics_key(utc_day())
+        stored = await self._escalate(
+            keys=[
+                self._escalations_key(session_id),
+                self._escalation_ids_key(session_id),
+                day_key,
+                f"{day_key}:escalated",
+            ],
+            args=[
+                f"{escalation['trigger']}|{escalation['createdAt']}",
+                orjson.dumps(escalation),
+                self.ttl_seconds,
+                escalation["trigger"],
+                session_id,
+            ],
+        )
+        return stored == 1
 
     async def escalations(self, session_id: str) -> list[dict[str, Any]]:
         """The session's escalations, oldest first."""
@@ -545,6 +759,21 @@ class SessionManager:
         """The agent holding the session, if one does."""
         state, name = await self.redis.hmget(self._session_key(session_id), ["state", "agentName"])
         return name.decode() if state == b"agent" and name else None
+
+    async def sessions_held_by(self, agent_name: str) -> list[str]:
+        """The conversations an agent holds now (to put a reconnecting agent back in their rooms)."""
+        held = [member.decode() for member in await self.redis.zrange(self._AGENT_ACTIVITY_KEY, 0, -1)]
+        if not held:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in held:
+                pipe.hmget(self._session_key(session_id), ["state", "agentName"])
+            holders = await pipe.execute()
+        return [
+            session_id
+            for session_id, (state, name) in zip(held, holders, strict=True)
+            if state == b"agent" and name is not None and name.decode() == agent_name
+        ]
 
     async def touch_agent_activity(self, session_id: str) -> None:
         """An agent wrote: the idle clock starts again."""
@@ -641,6 +870,9 @@ class SessionManager:
             return None
         token = secrets.token_urlsafe(32)
         await self.redis.hset(self._session_key(session_id), "tokenHash", _hash_token(token))
+        known = self._verified.get(session_id)
+        if known is not None:
+            self._remember(known[1], _hash_token(token))
         return token
 
     async def export(self, session_id: str) -> dict[str, Any]:
@@ -665,6 +897,7 @@ class SessionManager:
 
     async def delete(self, session_id: str) -> None:
         """Forget a session: record, history, idempotency keys, queue entry; tickets keep no transcript."""
+        self._verified.pop(session_id, None)
         ticket_ids = await self.session_ticket_ids(session_id)
         for ticket_id in ticket_ids:
             ticket = await self.ticket(ticket_id)
@@ -681,6 +914,7 @@ class SessionManager:
             pipe.zrem(self._QUEUE_KEY, session_id)
             pipe.hdel(self._QUEUE_ENTRIES_KEY, session_id)
             pipe.zrem(self._AGENT_ACTIVITY_KEY, session_id)
+            pipe.zrem(self._LEASES_KEY, session_id)
             await pipe.execute()
 
     # Analytics ----------------------------------------------------------------------------
@@ -710,6 +944,8 @@ class SessionManager:
             self._day_tokens_key(day),
             self._analytics_key(day),
             self._USAGE_KEY,
+            self._pending_key(session_id),
+            self._LEASES_KEY,
         ]
         args: list[Any] = [
             self.ttl_seconds,
@@ -739,17 +975,6 @@ class SessionManager:
                 pipe.hincrby(self._USAGE_KEY, f"{name}:requests", 1)
                 if failed:
                     pipe.hincrby(self._USAGE_KEY, f"{name}:failures", 1)
-            await pipe.execute()
-
-    async def count_escalation(self, session_id: str, trigger: str) -> None:
-        """An escalation today; the session stops counting as contained."""
-        day = utc_day()
-        key = self._analytics_key(day)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, f"escalation:{trigger}", 1)
-            pipe.sadd(f"{key}:escalated", session_id)
-            pipe.expire(key, 40 * 86400)
-            pipe.expire(f"{key}:escalated", 40 * 86400)
             await pipe.execute()
 
     async def record_feedback(self, session_id: str, message_id: str, rating: str, comment: str | None) -> dict[str, Any]:

@@ -142,15 +142,14 @@ class CustomerEvents:
         data = load(self.schemas.join_chat, payload)
         if "sessionId" in data:
             session = await self.sessions.authenticate(data["sessionId"], data["token"])
-            token = await self.sessions.rotate_token_if_idle(session.id, self.token_rotate_after) or data["token"]
-            await self.sessions.touch(session.id)
+            token = await self.chat.rejoined(session.id, data["token"], self.token_rotate_after)
         else:
             await self.limits.check_session_creation((await self.sio.get_session(sid)).get("ip", "unknown"))
             session, token = await self.sessions.create(data["userId"], data["metadata"])
         await self.sio.enter_room(sid, session.id)
         async with self.sio.session(sid) as socket_session:
             socket_session.setdefault("sessions", set()).add(session.id)
-        history = await self.sessions.messages_after(session.id, data.get("afterMessageId"), HISTORY_ON_JOIN)
+        history = await self.chat.history_for_join(session.id, data.get("afterMessageId"), HISTORY_ON_JOIN)
         joined: dict[str, Any] = {
             "sessionId": session.id,
             "userId": session.user_id,

@@ -206,3 +206,20 @@ async def test_close_ends_the_conversation_with_a_resolution(handoff_server, con
     assert note[0]["message"]["role"] == "system"
     again = await agent_call(agent, "agent-message", {"sessionId": session_id, "message": "one more thing"})
     assert again["ok"] is False and again["error"]["code"] == "unauthorized"
+
+
+async def test_a_reconnecting_agent_is_back_in_the_conversations_it_holds(handoff_server, connect, agents) -> None:
+    url = handoff_server.url
+    agent = await agents(url)
+    customer, session_id, _ = await joined_client(connect, url)
+    assert (await customer.call("escalate", {"sessionId": session_id}))["ok"]
+    await agent.wait_for("queue-updated", lambda d: any(e["sessionId"] == session_id for e in d["queue"]))
+    assert (await agent_call(agent, "claim", {"sessionId": session_id}))["ok"]
+    await agent.disconnect()  # a page reload, or the server it was connected to restarted
+
+    again = await agents(url)
+    await customer.call("send-message", {"sessionId": session_id, "message": "are you still there?"})
+    seen = await again.wait_for("message-received", lambda d: d["message"]["content"] == "are you still there?")
+    assert seen[0]["message"]["role"] == "user"
+    reply = await agent_call(again, "agent-message", {"sessionId": session_id, "message": "Yes, still here."})
+    assert reply["ok"]

@@ -153,10 +153,6 @@ async def start_input_server(start_server: ServerFactory) -> RunningServer:
         rate_limit_connections_per_minute=0,
         agent_api_keys=(("input-agent", Secret(AGENT_KEY)),),
     )
-    # python-socketio starts its Redis manager (and our pub/sub probe) on the first Socket.IO connection; until
-    # then /health/ready reports pub/sub degraded (503) a few seconds after start, which is not about input.
-    first = await RawSocket.open(server.url)
-    await first.close()
     return server
 
 

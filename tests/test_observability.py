@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from server.settings import Secret
@@ -90,3 +92,12 @@ async def test_feedback_and_analytics(start_server, connect, double) -> None:
     assert 0.9 < today["meanConfidence"] <= 1 and today["tokensUsed"] > 0
     assert today["replyLatencyMs"]["p50"] is not None
     assert today["feedback"] == {"up": 1, "down": 0, "score": 1.0}  # the later rating replaced the first
+
+
+async def test_a_scaled_out_server_is_ready_before_its_first_socket(start_server) -> None:
+    """A load balancer waits for readiness before sending anyone: pub/sub must work without a visitor."""
+    server = await start_server()  # external Redis: python-socketio's Redis manager and the pub/sub probe
+    for _ in range(16):  # past the probe's three missed intervals (2 s each) plus slack, ready throughout
+        status, body = await get(f"{server.url}/health/ready")
+        assert status == 200 and '"ready": true' in body, body
+        await asyncio.sleep(0.5)

@@ -86,3 +86,40 @@ async def test_a_full_buffer_refuses_rather_than_drops(start_server, connect, tm
         assert (await health(server.url))["httpStatus"] == 503
     finally:
         store.stop()
+
+
+async def test_a_visitor_who_reconnects_during_an_outage_rejoins_and_keeps_chatting(start_server, connect, tmp_path) -> None:
+    store = RedisProcess(data_dir=tmp_path / "redis", persistent=True)
+    store.start()
+    try:
+        server = await start_server(redis_url=store.url)
+        client, session_id, token = await joined_client(connect, server.url)
+        sent = await client.call("send-message", {"sessionId": session_id, "message": "before the outage"})
+        await client.reply_to(sent["messageId"])
+        await client.disconnect()
+        store.stop()
+
+        back: Recorder = await connect(server.url)  # a new socket: its tab reconnected while Redis is down
+        ack = await back.call("join-chat", {"sessionId": session_id, "token": token})
+        assert ack["ok"] and ack["token"] == token, ack
+        joined = (await back.wait_for("chat-joined"))[0]
+        assert [m["content"] for m in joined["history"]] == ["before the outage", "Echo: before the outage"]
+        during = await back.call("send-message", {"sessionId": session_id, "message": "during the outage"})
+        assert during["ok"], during
+        assert (await back.reply_to(during["messageId"]))["message"]["content"] == "Echo: during the outage"
+
+        stranger: Recorder = await connect(server.url)
+        refused = await stranger.call("join-chat", {"sessionId": session_id, "token": "not-the-token"})
+        assert refused["ok"] is False and refused["error"]["code"] == "unavailable" and refused["retryAfter"] > 0
+
+        store.start()
+        client_redis = redis.Redis.from_url(store.url)
+        for _ in range(100):
+            stored = [orjson.loads(m)["content"] for m in client_redis.lrange(f"chat:history:{{{session_id}}}", 0, -1)]
+            if len(stored) == 4:
+                break
+            await asyncio.sleep(0.1)
+        client_redis.close()
+        assert stored == ["before the outage", "Echo: before the outage", "during the outage", "Echo: during the outage"]
+    finally:
+        store.stop()
