@@ -12,7 +12,7 @@ from playwright.async_api import Error as PlaywrightError
 
 from server.settings import Secret
 from tests.fake_providers import ProviderDouble
-from tests.test_processes import ServerProcess
+from tests.processes import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [

@@ -19,7 +19,8 @@ import redis
 
 from server.redis_backend import redis_server_binary
 from server.settings import PROJECT_ROOT
-from tests.conftest import Recorder, free_port, joined_client
+from tests.conftest import Recorder, joined_client
+from tests.processes import ServerProcess
 
 pytestmark = [
     pytest.mark.slow,
@@ -69,18 +70,11 @@ def redis_pid(data_dir: Path) -> int:
         client.close()
 
 
-class Server:
-    """`python run.py` in its own session (so a process-group signal reaches only it), stderr kept in a file."""
+class Server(ServerProcess):
+    """`python run.py` in its own session (so a process-group signal reaches only it), its output kept in a file."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "INFO"}
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(env, log_path=log, log_level="INFO", new_session=True)
 
     @property
     def pid(self) -> int:
@@ -88,38 +82,14 @@ class Server:
         return self.process.pid
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def start(self) -> Server:
-        with self.log.open("ab") as sink:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(PROJECT_ROOT / "run.py"), env=self.env, cwd=str(PROJECT_ROOT),
-                stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, start_new_session=True,
-            )
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                assert self.process.returncode is None, f"server exited:\n{self.output()}"
-                try:
-                    async with http.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            return self
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"server did not start:\n{self.output()}")
+        return self.log()
 
     async def exited(self, timeout: float = EXIT_TIMEOUT) -> int:
         assert self.process is not None
         return await asyncio.wait_for(self.process.wait(), timeout)
 
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await self.exited()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+    async def stop(self, sig: int = signal.SIGTERM, grace: float = EXIT_TIMEOUT) -> None:
+        await super().stop(sig, grace)
 
 
 Launch = Callable[..., Awaitable[Server]]

@@ -38,7 +38,7 @@ async def test_a_node_client_notices_a_shutdown_at_once_and_would_reconnect(tran
     import signal
     import time
 
-    from tests.test_processes import ServerProcess
+    from tests.processes import ServerProcess
 
     server = await ServerProcess({"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "DATA_DIR": str(tmp_path)}).start()
     watcher = await asyncio.create_subprocess_exec(

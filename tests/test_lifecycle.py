@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,10 +24,10 @@ import pytest
 import redis
 import socketio
 
-from server.settings import PROJECT_ROOT
 from tests.conftest import Recorder
 from tests.fake_providers import ProviderDouble
-from tests.test_processes import ServerProcess, cluster_env, rest
+from tests.processes import ServerProcess
+from tests.test_processes import cluster_env, rest
 
 pytestmark = pytest.mark.slow
 
@@ -42,83 +41,17 @@ Launcher = Callable[..., Awaitable["LoggedServer"]]
 
 
 class LoggedServer(ServerProcess):
-    """`python run.py` at LOG_LEVEL=INFO in its own process group, its stderr kept in a file to read afterwards."""
+    """`python run.py` at LOG_LEVEL=INFO in its own process group, its output kept in a file to read afterwards."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        super().__init__(env)
-        self.env["LOG_LEVEL"] = "INFO"
-        self.log_path = log_path
+        super().__init__(env, log_path=log_path, log_level="INFO", new_session=True)
 
-    async def start(self) -> LoggedServer:
-        """Spawn the process and wait until /health answers 200 (fail early if it dies)."""
-        stderr = _open_for_append(self.log_path)
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(PROJECT_ROOT / "run.py"), env=self.env, cwd=str(PROJECT_ROOT),
-                stdout=asyncio.subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            )
-        finally:
-            os.close(stderr)  # the child has its own copy
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"server process exited at start:\n{self.log()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            return self
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"server process did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        """Everything the process wrote to stderr so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process has not exited yet."""
-        return self.process is not None and self.process.returncode is None
-
-    def send(self, sig: int, *, group: bool = False) -> None:
-        """Send `sig` to the process (or, like a terminal's Ctrl-C, to its whole process group)."""
-        assert self.process is not None
-        if group:
-            os.killpg(self.process.pid, sig)
-        else:
-            self.process.send_signal(sig)
-
-    async def exited_within(self, seconds: float) -> bool:
-        """Wait up to `seconds` for the process to exit."""
-        assert self.process is not None
-        try:
-            await asyncio.wait_for(self.process.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
-
-    async def kill9(self) -> None:
-        """kill -9 the server process alone (as an OOM kill or a lost node would)."""
-        self.send(signal.SIGKILL)
-        assert self.process is not None
-        await self.process.wait()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Teardown: a short SIGTERM, then SIGKILL for the whole process group (today's shutdown can take 46 s)."""
-        if self.alive:
-            self.send(sig)
-            if not await self.exited_within(3):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-                await self.process.wait()  # type: ignore[union-attr]
-        else:
+    async def stop(self, sig: int = signal.SIGTERM, grace: float = 3.0) -> None:
+        """Teardown: a short SIGTERM, then SIGKILL for the whole process group (its children too)."""
+        await super().stop(sig, grace)
+        if self.process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)  # type: ignore[union-attr]  # its children, if any
-
-
-def _open_for_append(path: Path) -> int:
-    """A raw file descriptor the child writes its stderr to (the parent's copy is closed right after the spawn)."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def _shutdown_embedded_redis(data_dir: Path) -> None:

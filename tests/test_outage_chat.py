@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import orjson
@@ -25,11 +24,10 @@ import pytest
 import redis
 import socketio
 
-from server.settings import PROJECT_ROOT
 from tests.conftest import Recorder, RedisProcess, ServerFactory, joined_client
 from tests.fake_providers import ProviderDouble
+from tests.processes import ServerProcess
 from tests.test_handoff import AGENT_KEYS, agent_call, agent_client
-from tests.test_processes import ServerProcess
 
 TURNS = 8
 BEFORE = 2  # turns 0-1 before the outage
@@ -456,52 +454,10 @@ async def test_an_escalation_during_an_outage_is_queued_when_redis_returns(
 
 
 # 4. Acknowledged during an outage, then the process is restarted: nothing lost, nothing twice -------------------
-class LoggedServerProcess(ServerProcess):
-    """`python run.py` whose log goes to a file, so a failure can show what the server said."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        super().__init__(env)
-        self.env["LOG_LEVEL"] = "INFO"
-        self.log_path = log_path
-        self._log: IO[bytes] | None = None
-
-    def _open_log(self) -> IO[bytes]:
-        self._log = self.log_path.open("ab")
-        return self._log
-
-    async def start(self) -> LoggedServerProcess:
-        log = self._open_log()
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, str(PROJECT_ROOT / "run.py"), env=self.env, cwd=str(PROJECT_ROOT), stdout=log, stderr=log
-        )
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"{self.url}/health/live") as response:
-                        if response.status == 200:
-                            return self
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"server process did not start:\n{self.log_tail()}")
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        await super().stop(sig)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the server's log."""
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture
-async def server_processes() -> AsyncIterator[list[LoggedServerProcess]]:
+async def server_processes() -> AsyncIterator[list[ServerProcess]]:
     """Every server process a test started; stopped at its end."""
-    started: list[LoggedServerProcess] = []
+    started: list[ServerProcess] = []
     yield started
     for process in started:
         await process.stop()
@@ -509,7 +465,7 @@ async def server_processes() -> AsyncIterator[list[LoggedServerProcess]]:
 
 @pytest.mark.slow
 async def test_acknowledged_messages_survive_a_restart_during_an_outage(
-    server_processes: list[LoggedServerProcess],
+    server_processes: list[ServerProcess],
     connect: Connect,
     double: ProviderDouble,
     redis_store: RedisProcess,
@@ -527,8 +483,8 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
         "SHUTDOWN_GRACE": "5",
     }
 
-    async def launch(name: str) -> LoggedServerProcess:
-        process = LoggedServerProcess(env, tmp_path / f"{name}.log")
+    async def launch(name: str) -> ServerProcess:
+        process = ServerProcess(env, log_path=tmp_path / f"{name}.log", log_level="INFO")
         server_processes.append(process)
         return await process.start()
 
@@ -546,7 +502,7 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
     acks = [
         await customer.call("send-message", {"sessionId": session_id, "message": text}, timeout=DEADLINE) for text in texts
     ]
-    assert all(isinstance(a, dict) and a.get("ok") for a in acks), f"acks during the outage: {acks}\n{first.log_tail()}"
+    assert all(isinstance(a, dict) and a.get("ok") for a in acks), f"acks during the outage: {acks}\n{first.log()[-4000:]}"
     acked_ids = [a["messageId"] for a in acks]
 
     assert first.process is not None
@@ -556,7 +512,9 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
     except TimeoutError:
         first.process.kill()
         await first.process.wait()
-        raise AssertionError(f"the server did not exit within 30 s of SIGTERM while Redis was down\n{first.log_tail()}") from None
+        raise AssertionError(
+            f"the server did not exit within 30 s of SIGTERM while Redis was down\n{first.log()[-4000:]}"
+        ) from None
     await customer.disconnect()
     await asyncio.to_thread(redis_store.start)
 
@@ -573,7 +531,7 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
         users = [m for m in stored if m["role"] == "user"]
         assert [m["content"] for m in users] == ["before the outage", *texts], (
             f"user messages in Redis after the restart: {[m['content'] for m in users]}\n"
-            f"first process:\n{first.log_tail()}\nsecond process:\n{second.log_tail()}"
+            f"first process:\n{first.log()[-4000:]}\nsecond process:\n{second.log()[-4000:]}"
         )
         assert [m["id"] for m in users] == [sent["messageId"], *acked_ids]
         ids = [m["id"] for m in stored]
