@@ -221,10 +221,12 @@ class WriteBehindStore:
     def _remember_append(self, session_id: str, result: AppendResult) -> None:
         recent = self._recent_for(session_id)
         if not result.duplicate:
-            if result.context:
-                recent.messages.clear()
-                recent.messages.extend(result.context)
-            recent.messages.append(result.message)
+            messages = recent.messages
+            # Usually what we hold already ends where the context ends; rebuild only when it does not.
+            if result.context and not (messages and messages[-1].get("id") == result.context[-1].get("id")):
+                messages.clear()
+                messages.extend(result.context)
+            messages.append(result.message)
         recent.state = result.state
         recent.session_tokens = result.session_tokens
         recent.day_tokens = result.day_tokens
