@@ -303,6 +303,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # (and its probe, which /health/ready reads) works before any visitor arrives.
         sio.manager_initialized = True
         sio.manager.initialize()
+    if isinstance(sio.manager, GuardedRedisManager) and not await sio.manager.wait_until_healthy(5):
+        logger.warning("socket.io pub/sub does not deliver yet: readiness says degraded until it does")
     sweeper = asyncio.create_task(app[HANDOFF].run_sweeper(), name="handoff-sweeper")
     yield
     app[HANDOFF].stop_sweeper()

@@ -72,7 +72,8 @@ class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):  # type: ignore
         super().__init__(url, redis_options=options, **kwargs)
         self.probe_interval = probe_interval
         self._probe_id = uuid.uuid4().hex.encode()
-        self.last_probe_seen = time.monotonic()
+        self.last_probe_seen = float("-inf")  # not healthy until our own probe has come back once
+        self._first_probe = asyncio.Event()
         self.reconnects = 0
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -91,24 +92,35 @@ class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):  # type: ignore
             if isinstance(message, bytes) and message.startswith(PROBE_PREFIX):
                 if message[len(PROBE_PREFIX) :] == self._probe_id:
                     self.last_probe_seen = time.monotonic()
+                    self._first_probe.set()
                 continue
             yield message
 
     async def _probe_loop(self) -> None:
         """Publish a probe every interval; if it stopped coming back, drop the pub/sub connection to reconnect."""
         while True:
-            await asyncio.sleep(self.probe_interval)
+            seen_once = self.last_probe_seen > float("-inf")
+            # Until pub/sub has delivered once (the listener subscribes in the background), probe quickly.
+            await asyncio.sleep(self.probe_interval if seen_once else 0.1)
             try:
                 if self.redis is not None:
                     await self.redis.publish(self.channel, PROBE_PREFIX + self._probe_id)
             except Exception as err:
                 logger.warning("socket.io pub/sub probe could not be published: {}", type(err).__name__)
+            if not seen_once:
+                continue
             if not self.healthy and self.pubsub is not None:
                 logger.warning("socket.io pub/sub probe missing: reconnecting the listener")
                 self.reconnects += 1
                 with contextlib.suppress(Exception):
                     await self.pubsub.aclose()
                 self.connected = False
+
+    async def wait_until_healthy(self, timeout: float) -> bool:
+        """At start-up: wait (bounded) until our own probe has come back through pub/sub."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_probe.wait(), timeout)
+        return self.healthy
 
     async def aclose(self) -> None:
         """Stop the listener and the probe and close the manager's Redis connections (clean shutdown)."""

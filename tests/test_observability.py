@@ -101,3 +101,12 @@ async def test_a_scaled_out_server_is_ready_before_its_first_socket(start_server
         status, body = await get(f"{server.url}/health/ready")
         assert status == 200 and '"ready": true' in body, body
         await asyncio.sleep(0.5)
+
+
+async def test_pubsub_is_not_ok_when_redis_is_down_at_start(start_server, tmp_path) -> None:
+    from tests.conftest import RedisProcess
+
+    store = RedisProcess(data_dir=tmp_path / "redis")  # never started: Redis is down when the server starts
+    server = await start_server(redis_url=store.url)
+    status, body = await get(f"{server.url}/health/ready")
+    assert status == 503 and '"pubsub": "degraded"' in body, body
