@@ -361,6 +361,9 @@ class ChatService:
                 except Exception as err:
                     logger.exception("session {}: message handling failed", session_id)
                     _fail_job(job, err if isinstance(err, ApiError) else ApiError("internal", "Something went wrong."))
+                finally:
+                    if job.recover is not None:  # taken over but not finished here: let the lease run out again
+                        self._leased.discard(session_id)
         finally:
             _refuse_waiting(queue)
             if self._queues.get(session_id) is queue:
