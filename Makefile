@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test install install-dev node chromium lint bench clean
+.PHONY: run test install install-dev node chromium nginx lint bench clean
 
 run: install node
 	$(PY) run.py
 
-test: install-dev node chromium
+test: install-dev node chromium nginx
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
@@ -43,6 +43,16 @@ chromium:
 		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else echo "chromium missing and cannot be installed here: browser tests will be skipped"; fi; \
+	fi
+
+# Debian's nginx for tests/test_deploy.py, which starts deploy/nginx.conf as shipped on port 8080 (on a host with
+# systemd the package also starts Debian's own site on port 80; `systemctl disable --now nginx` stops it).
+nginx:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) \
+			|| echo "nginx could not be installed: the deployment test will be skipped"; \
+		else echo "nginx missing and cannot be installed here: the deployment test will be skipped"; fi; \
 	fi
 
 # Side-by-side benchmarks (needs node and npm for the peer and its load driver).
