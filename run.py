@@ -38,6 +38,9 @@ def main() -> None:
         loop=new_event_loop(),
         # Replies get SHUTDOWN_GRACE in the app's own drain (on_shutdown); after it, handlers only have to return.
         shutdown_timeout=3,
+        # An idle connection, and a request whose headers have not all arrived, are closed after this long
+        # (aiohttp's keep-alive timer runs from the connection's start until a whole request head is parsed).
+        keepalive_timeout=settings.http_keepalive_timeout,
     )
 
 

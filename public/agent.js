@@ -16,10 +16,15 @@ function setStatus(name, label) {
   $('agent-status').textContent = label;
 }
 
+// Bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069) could reorder what an agent reads.
+const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g;
+
+// Text as text, never HTML, with bidi controls dropped and its direction isolated from what surrounds it.
 function text(tag, cls, content) {
   const el = document.createElement(tag);
   if (cls) el.className = cls;
-  el.textContent = content;
+  el.dir = 'auto';
+  el.textContent = String(content ?? '').replace(BIDI_CONTROLS, '');
   return el;
 }
 
@@ -72,7 +77,7 @@ async function claimSession(sessionId) {
   $('transcript').replaceChildren();
   $('conv-session').textContent = sessionId.slice(0, 8);
   const info = $('handoff-info');
-  info.textContent = `Escalated by ${ack.trigger}: ${ack.reason || ''} — ${ack.summary || ''}`;
+  info.textContent = `Escalated by ${ack.trigger}: ${ack.reason || ''} — ${ack.summary || ''}`.replace(BIDI_CONTROLS, '');
   info.hidden = false;
   ack.transcript.forEach(showMessage);
   setHolding(true);

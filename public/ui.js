@@ -16,6 +16,9 @@ window.chatUi = {
     return new Promise((resolve, reject) => {
       const script = document.createElement('script');
       script.src = document.body.dataset.socketioCdn;
+      // Subresource Integrity: the browser runs the CDN copy only if it is byte for byte the pinned release.
+      script.integrity = document.body.dataset.socketioIntegrity;
+      script.crossOrigin = 'anonymous';
       script.onload = resolve;
       script.onerror = reject;
       document.head.append(script);

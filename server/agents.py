@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import socketio
 from loguru import logger
 
 from server.agents_directory import AgentDirectory
+from server.auth_throttle import AuthThrottle
 from server.errors import ApiError
 from server.handoff import AGENTS_NAMESPACE, AGENTS_ROOM, HandoffService, agent_session_room
 from server.schemas import Schemas, load
@@ -40,17 +42,28 @@ class AgentEvents:
             self.sio.on(event, socket_edge(self.sio, event, handler, AGENTS_NAMESPACE), namespace=AGENTS_NAMESPACE)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        """Refuse the connection unless the auth payload carries a valid agent key."""
+        """Refuse the connection unless the auth payload carries a valid agent key (guessing is throttled per address)."""
         key = None
         if isinstance(auth, dict):
             key = auth.get("key") or auth.get("token") or auth.get("apiKey")
-        name = self.directory.name_for(key)
-        if name is None:
-            logger.warning("agent connection refused (bad or missing key)")
-            # Two arguments: the client's connect_error gets `message` and `data` = {code, message}, so a page can
-            # tell a refused key (data.code == "unauthorized") from a server it cannot reach.
-            message = "A valid agent key is required."
-            raise socketio.exceptions.ConnectionRefusedError(message, {"code": "unauthorized", "message": message})
+        request = environ["aiohttp.request"]
+        ip = AuthThrottle.client_ip(request.app, request.remote, environ.get("HTTP_X_FORWARDED_FOR"))
+        try:
+            name = await AuthThrottle.for_app(request.app).authenticate(
+                ip,
+                f"socket {AGENTS_NAMESPACE}",
+                "agent key",
+                lambda: self.directory.name_for(key),
+                ApiError("unauthorized", "A valid agent key is required."),
+            )
+        except ApiError as err:
+            # Two arguments: the client's connect_error gets `message` and `data` = {code, message[, retryAfter]}, so
+            # a page can tell a refused key (data.code == "unauthorized") from a lockout (data.code == "rate_limited",
+            # retry after data.retryAfter seconds) and from a server it cannot reach.
+            data: dict[str, Any] = err.to_dict()
+            if err.retry_after is not None:
+                data["retryAfter"] = max(1, math.ceil(err.retry_after))
+            raise socketio.exceptions.ConnectionRefusedError(err.message, data) from None
         await self.sio.save_session(sid, {"agent": name}, namespace=AGENTS_NAMESPACE)
         await self.sio.enter_room(sid, AGENTS_ROOM, namespace=AGENTS_NAMESPACE)
         await self.handoff.agent_connected(sid, name)

@@ -16,6 +16,7 @@ from loguru import logger
 
 from server.agents import AgentEvents
 from server.agents_directory import AgentDirectory
+from server.budgets import BudgetPolicy
 from server.chat_service import ChatService
 from server.escalation import EscalationRules
 from server.handoff import HandoffService
@@ -45,6 +46,7 @@ from server.logging_setup import configure_logging
 from server.metrics import Metrics
 from server.middleware import (
     access_log_middleware,
+    body_read_timeout_middleware,
     cors_middleware,
     errors_middleware,
     no_ws_compression_middleware,
@@ -69,6 +71,7 @@ from server.socket_server import ChatSocketServer
 from server.sockets import CustomerEvents
 from server.spool import Spool
 from server.summary import ConversationSummarizer
+from server.transport_guard import connection_guard
 from server.write_behind import WriteBehindStore
 
 
@@ -110,6 +113,7 @@ def create_app(settings: Settings) -> web.Application:
         errors_middleware,
         access_log_middleware,
         cors_middleware(settings.cors_origins),
+        body_read_timeout_middleware(settings.request_read_timeout),
     ]
     if not settings.ws_compression:
         middlewares.insert(0, no_ws_compression_middleware)
@@ -142,6 +146,7 @@ def create_app(settings: Settings) -> web.Application:
         async_mode="aiohttp",
         cors_allowed_origins=list(settings.cors_origins) or None,
         max_http_buffer_size=max(settings.socket_max_packet_bytes, settings.max_message_length * 4 + 4096),
+        connect_timeout=settings.socket_connect_timeout,
         json=SocketIOCodec,
         logger=False,
         engineio_logger=False,
@@ -151,8 +156,14 @@ def create_app(settings: Settings) -> web.Application:
 
     metrics = Metrics()
     app[METRICS] = metrics
+    metrics.engine_connections.set_function(lambda: sio.engine_connections)
     knowledge = KnowledgeBase.from_directory(settings.knowledge_dir, store_name=settings.store_name)
-    sessions = SessionManager(redis, settings.session_ttl_seconds)
+    sessions = SessionManager(
+        redis,
+        settings.session_ttl_seconds,
+        max_history=settings.max_history_per_session,
+        tickets_per_client_per_hour=settings.tickets_per_client_per_hour,
+    )
     chain = ProviderChain(
         build_providers(settings, knowledge),
         failure_threshold=settings.provider_failure_threshold,
@@ -203,8 +214,10 @@ def create_app(settings: Settings) -> web.Application:
         log_content=settings.log_message_content,
         token_budget_per_session=settings.token_budget_per_session,
         token_budget_per_day=settings.token_budget_per_day,
+        budget_policy=BudgetPolicy.from_settings(settings),
         metrics=metrics,
         instance_id=instance_id,
+        max_pending_per_session=settings.max_pending_per_session,
     )
     limits = RateLimits(
         sessions,
@@ -212,10 +225,20 @@ def create_app(settings: Settings) -> web.Application:
         messages_per_minute=settings.rate_limit_messages_per_minute,
         connections_per_minute=settings.rate_limit_connections_per_minute,
         trusted_proxies=settings.trusted_proxies,
+        events_per_minute=settings.rate_limit_events_per_minute,
     )
     app[RATE_LIMITS] = limits
+    sio.eio.guard = connection_guard(limits, lambda reason: metrics.transport_refusals.labels(reason).inc())
     customers = CustomerEvents(
-        sio, schemas, sessions, chat, handoff, limits, lambda: chain.usable_names, settings.token_rotate_after
+        sio,
+        schemas,
+        sessions,
+        chat,
+        handoff,
+        limits,
+        lambda: chain.usable_names,
+        settings.token_rotate_after,
+        max_pending_per_client=settings.max_pending_per_client,
     )
     customers.register()
     directory = AgentDirectory(settings.agent_api_keys)
@@ -240,6 +263,7 @@ def create_app(settings: Settings) -> web.Application:
         pubsub_healthy=(lambda: redis_manager.healthy) if redis_manager is not None else None,
         token_budget_per_day=settings.token_budget_per_day,
         write_behind=store,
+        engine_connections=lambda: sio.engine_connections,
     )
 
     add_routes(app)

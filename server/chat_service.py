@@ -15,12 +15,13 @@ from loguru import logger
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
+from server.budgets import Admission, BudgetPolicy, Budgets
 from server.errors import ApiError
 from server.escalation import Escalation, EscalationRules
 from server.handoff import HandoffService
 from server.metrics import Metrics
 from server.prompt import PromptBuilder
-from server.provider_chain import ChainDelta, ChainDone, ChainFailed, ChainInterrupted, ProviderChain
+from server.provider_chain import LOCAL_PROVIDER, ChainDelta, ChainDone, ChainFailed, ChainInterrupted, ProviderChain
 from server.providers.base import ChatTurn, ProviderRequest
 from server.reply_stream import Broadcaster, ReplyListener, ReplyStream
 from server.sessions import SessionManager, new_id, now_iso
@@ -66,6 +67,7 @@ class _Job:
     client_message_id: str | None = None
     listener: ReplyListener | None = None
     recover: dict[str, Any] | None = None  # a reply whose owner died, to be finished here
+    receivable: Callable[[], bool] | None = None  # whether anyone can still receive its ack and reply
 
 
 @dataclass(slots=True)
@@ -107,9 +109,11 @@ class ChatService:
         log_content: bool = True,
         token_budget_per_session: int = 0,
         token_budget_per_day: int = 0,
+        budget_policy: BudgetPolicy | None = None,
         metrics: Metrics | None = None,
         instance_id: str = "",
         lease_seconds: float = REPLY_LEASE_SECONDS,
+        max_pending_per_session: int = 0,
     ) -> None:
         self.sessions = sessions
         self.chain = chain
@@ -126,6 +130,14 @@ class ChatService:
         self.token_budget_per_session = token_budget_per_session
         self.token_budget_per_day = token_budget_per_day
         self.metrics = metrics or Metrics()
+        self.budgets = Budgets(
+            sessions,
+            budget_policy or BudgetPolicy(per_session=token_budget_per_session, per_day=token_budget_per_day),
+            self.metrics,
+        )
+        chain.paid_paused = lambda: self.budgets.degraded  # summaries make no paid call once degraded either
+        self.max_pending_per_session = max_pending_per_session  # messages waiting per session (0: no limit)
+        self._escalating: set[str] = set()  # sessions whose escalation this process is handling now
         self._queues: dict[str, deque[_Job]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._generating: dict[str, _Generation] = {}
@@ -146,14 +158,18 @@ class ChatService:
         listener: ReplyListener | None = None,
         *,
         admit: Callable[[], Awaitable[Any]] | None = None,
+        receivable: Callable[[], bool] | None = None,
     ) -> tuple[dict[str, Any], asyncio.Future[TurnResult]]:
         """Queue a message behind the session's earlier ones; returns once it is stored, with the reply's future.
 
         The message's place in the queue is taken before anything is awaited, so arrival order is the order
         of storing and answering whatever `admit` (authentication, rate limits) awaits; if `admit` raises,
-        the place is given up and the error goes to the caller.
+        the place is given up and the error goes to the caller. Beyond MAX_PENDING_PER_SESSION waiting messages
+        the message is refused (`rate_limited`); a waiting message whose `receivable` says nobody can receive
+        its ack or reply any more is dropped unstored when its turn comes.
         """
         job = self._reserve(session_id)
+        job.receivable = receivable
         try:
             if admit is not None:
                 await admit()
@@ -173,6 +189,12 @@ class ChatService:
         loop = asyncio.get_running_loop()
         job = _Job(loop.create_future(), loop.create_future(), loop.create_future())
         queue = self._queues.get(session_id)
+        if not first and queue is not None and 0 < self.max_pending_per_session <= len(queue):
+            raise ApiError(
+                "rate_limited",
+                "Too many messages are waiting in this conversation; wait for the replies, then send again.",
+                retry_after=2,
+            )
         if queue is None:
             queue = self._queues[session_id] = deque()
             worker = asyncio.create_task(self._drain(session_id, queue), name=f"session-{session_id}")
@@ -185,10 +207,31 @@ class ChatService:
         return job
 
     async def escalate(self, session_id: str, reason: str | None) -> dict[str, Any]:
-        """The visitor asked for a person."""
-        escalation = self.rules.for_user_request(session_id, reason)
-        await self._announce_escalation(escalation)
+        """The visitor asked for a person; idempotent while the session waits for, has, or has a ticket for one."""
+        if session_id in self._escalating:  # taken before any await: concurrent requests see it at once
+            return {"sessionId": session_id, "state": "escalating", "alreadyEscalated": True}
+        self._escalating.add(session_id)
+        try:
+            state = await self._escalated_state(session_id)
+            if state is not None:
+                return {"sessionId": session_id, "state": state, "alreadyEscalated": True}
+            escalation = self.rules.for_user_request(session_id, reason)
+            await self._announce_escalation(escalation)
+        finally:
+            self._escalating.discard(session_id)
         return escalation.to_dict()
+
+    async def _escalated_state(self, session_id: str) -> str | None:
+        """The session's state when it is already with people (queue, agent, open ticket), else None."""
+        try:
+            session = await self.sessions.get(session_id)
+            if session is None or session.state in ("waiting_agent", "agent"):
+                return None if session is None else session.state
+            if session.state == "ticket" and await self.sessions.open_ticket_id(session_id) is not None:
+                return "ticket"
+        except REDIS_DOWN:
+            return None  # the escalation is buffered with the messages, as before
+        return None
 
     def stop(self, session_id: str) -> bool:
         """Cancel the reply being written (its HTTP stream closes); the partial text is kept."""
@@ -199,14 +242,15 @@ class ChatService:
         generation.task.cancel()
         return True
 
-    async def rejoined(self, session_id: str, token: str, rotate_after: float) -> str:
-        """A visitor came back: renew the session, and hand out a new token after a long idle spell.
+    async def rejoined(self, session_id: str, token: str, rotate_after: float | None) -> str:
+        """A visitor came back: renew the session, and hand out a new token after an idle spell (None: half its life).
 
+        Of two holders of one token only the first rejoin rotates it; the second is refused (`unauthorized`).
         While Redis is unreachable (the token was verified from this process's memory) neither can be done;
         the visitor keeps the token it has.
         """
         try:
-            new_token = await self.sessions.rotate_token_if_idle(session_id, rotate_after)
+            new_token = await self.sessions.rotate_token_if_idle(session_id, token, rotate_after)
             await self.sessions.touch(session_id)
         except REDIS_DOWN:
             return token
@@ -344,6 +388,12 @@ class ChatService:
                 if self._closing:  # shutdown: nothing new starts (a reply to finish is left to its lease)
                     _fail_job(job, _shutting_down())
                     continue
+                if job.stored.cancelled() or (job.receivable is not None and not job.receivable()):
+                    # Its sender left and nobody else listens (socket), or its caller gave up (REST): storing and
+                    # answering it would only spend provider calls nobody reads.
+                    logger.info("session {}: dropped a waiting message: nobody is left to receive it", session_id)
+                    _fail_job(job, ApiError("unavailable", "Nobody is listening to this conversation.", retry_after=1))
+                    continue
                 try:
                     async with self._turn(session_id):
                         if job.recover is not None:
@@ -440,7 +490,7 @@ class ChatService:
                     reply = None
                 job.done.set_result(TurnResult(session_id, appended.message, reply, None, duplicate=True))
                 return
-            if self._over_budget(appended.session_tokens, appended.day_tokens):
+            if self._over_budget(appended.session_tokens):
                 result = await self._budget_exhausted(session_id, appended.message)
             else:
                 result = await self._answer(session_id, appended.message, appended.context, job.listener, reply_id)
@@ -480,9 +530,11 @@ class ChatService:
     ) -> TurnResult:
         started = time.perf_counter()
         text = user_message["content"]
-        request = ProviderRequest(
-            system_prompt=self.prompts.system_prompt(text), history=_turns(context), message=text
-        )
+        # The prompt within MAX_PROMPT_TOKENS; then paid providers only when every token budget has room for it.
+        fitted = self.budgets.fit(self.prompts.system_prompt(text), _turns(context), text)
+        request = fitted.request
+        paid = any(name != LOCAL_PROVIDER for name in self.chain.usable_names)
+        admission = await self.budgets.admit(session_id, fitted.tokens) if paid else Admission(local_only=False)
         if self.log_content:
             logger.opt(lazy=True).debug(
                 "session {}: provider request: system={!r} history={!r} message={!r}",
@@ -513,7 +565,7 @@ class ChatService:
         await self._typing(session_id, True)
         try:
             try:
-                outcome = await self._generate(session_id, request, stream)
+                outcome = await self._generate(session_id, request, stream, admission)
             except asyncio.CancelledError:
                 if not self._closing:
                     raise
@@ -532,6 +584,7 @@ class ChatService:
             finally:
                 if self._streams.get(session_id) is stream:
                     del self._streams[session_id]
+        await self.budgets.settle(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
         return await self._conclude(session_id, user_message, reply_id, outcome, started, stream)
 
     async def _conclude(
@@ -587,12 +640,16 @@ class ChatService:
         )
         return TurnResult(session_id, user_message, replies[-1], escalation.to_dict() if escalation else None)
 
-    def _over_budget(self, session_tokens: int, day_tokens: int) -> bool:
-        """Whether the session's or today's provider-token budget is spent (0 means no budget)."""
-        return (0 < self.token_budget_per_session <= session_tokens) or (0 < self.token_budget_per_day <= day_tokens)
+    def _over_budget(self, session_tokens: int) -> bool:
+        """Whether the session's own provider-token budget is spent (0 means no budget).
+
+        Today's, the visitor's and the client address's budgets never stop answers: they leave the knowledge base
+        answering (see Budgets.admit in `_answer`), so no visitor can switch the AI off for anyone else.
+        """
+        return self.budgets.session_spent(session_tokens)
 
     async def _budget_exhausted(self, session_id: str, user_message: dict[str, Any]) -> TurnResult:
-        """No more AI for this session (or today): say so, and bring in a person."""
+        """No more AI for this one session: say so, and bring in a person."""
         message = {
             "id": new_id(),
             "sessionId": session_id,
@@ -607,12 +664,15 @@ class ChatService:
         payload = {"sessionId": session_id, "message": message, "escalation": escalation.to_dict()}
         await self.broadcaster.emit("message-received", payload, session_id)
         await self._announce_escalation(escalation)
+        self.metrics.budget_limited.labels("session").inc()
         logger.info("session {}: token budget used up, escalated", session_id)
         return TurnResult(session_id, user_message, message, escalation.to_dict())
 
-    async def _generate(self, session_id: str, request: ProviderRequest, stream: ReplyStream) -> _Outcome:
+    async def _generate(
+        self, session_id: str, request: ProviderRequest, stream: ReplyStream, admission: Admission | None = None
+    ) -> _Outcome:
         """Run the chain in its own task so `stop-generation` can cancel exactly that."""
-        task = asyncio.create_task(self._consume(request, stream))
+        task = asyncio.create_task(self._consume(request, stream, local_only=admission is not None and admission.local_only))
         generation = _Generation(task, stream.message_id)
         self._generating[session_id] = generation
         try:
@@ -625,8 +685,8 @@ class ChatService:
             if self._generating.get(session_id) is generation:
                 del self._generating[session_id]
 
-    async def _consume(self, request: ProviderRequest, stream: ReplyStream) -> _Outcome:
-        async with contextlib.aclosing(self.chain.stream(request)) as events:
+    async def _consume(self, request: ProviderRequest, stream: ReplyStream, *, local_only: bool = False) -> _Outcome:
+        async with contextlib.aclosing(self.chain.stream(request, local_only=local_only)) as events:
             async for event in events:
                 if isinstance(event, ChainDelta):
                     await stream.add(event.text, event.provider, event.reset)

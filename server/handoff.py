@@ -83,7 +83,15 @@ class HandoffService:
                 await self.broadcast_queue()
                 self._spawn(self._summarize_waiting(session_id))
             return
-        await self.open_ticket(session_id, escalation.trigger, escalation.reason)
+        await self._ticket_unless_limited(session_id, escalation.trigger, escalation.reason)
+
+    async def _ticket_unless_limited(self, session_id: str, trigger: str, reason: str) -> None:
+        """Open the ticket; a client over its ticket limit only gets the log line (its escalation is kept)."""
+        try:
+            await self.open_ticket(session_id, trigger, reason)
+        except ApiError as err:
+            if err.code != "rate_limited":
+                raise
 
     async def _summarize_waiting(self, session_id: str) -> None:
         summary = await self.summarizer.summarize(session_id)
@@ -193,43 +201,54 @@ class HandoffService:
 
     # Tickets ----------------------------------------------------------------------------
     async def open_ticket(self, session_id: str, trigger: str, reason: str) -> dict[str, Any]:
-        """Nobody took it: keep it as a ticket and ask the customer how to reach them."""
-        existing = await self._open_ticket_for(session_id)
-        if existing is not None:
-            ticket = existing
-        else:
-            session = await self.sessions.get(session_id)
-            ticket = {
-                "id": f"T-{secrets.token_hex(5).upper()}",
-                "sessionId": session_id,
-                "userId": session.user_id if session else None,
-                "status": "open",
-                "trigger": trigger,
-                "reason": reason,
-                # Shutting down: no model call now (the transcript is kept); a summary would hold the exit up.
-                "summary": None if self._stopping.is_set() else await self.summarizer.summarize(session_id),
-                "transcript": await self.sessions.transcript(session_id),
-                "contact": None,
-                "createdAt": now_iso(),
-                "updatedAt": now_iso(),
-            }
-            await self.sessions.save_ticket(ticket)
-            await self.sessions.set_session_fields(session_id, state="ticket", ticketId=ticket["id"])
-            logger.info("session {}: ticket {} opened ({})", session_id, ticket["id"], trigger)
-        if ticket.get("contact") is None:
-            await self.broadcaster.emit("contact-requested", {"sessionId": session_id}, session_id)
-            await self.post_system(
-                session_id,
-                "Nobody from our team is free right now. Leave your email address and we'll get back to you; "
-                "meanwhile I'm still here to help.",
-            )
+        """Nobody took it: keep it as a ticket and ask the customer how to reach them.
+
+        One open ticket per session (reserved atomically in Redis): an escalation while one is open, or being
+        written, changes nothing and says nothing again. A client address over TICKETS_PER_CLIENT_PER_HOUR
+        gets no ticket (rate_limited).
+        """
+        outcome, ticket_id = await self.sessions.claim_ticket(session_id, f"T-{secrets.token_hex(5).upper()}")
+        if outcome == "exists" and ticket_id is not None:
+            return await self.sessions.ticket(ticket_id) or {"id": ticket_id, "sessionId": session_id, "status": "open"}
+        if outcome == "limited":
+            logger.warning("session {}: no ticket opened: its client is over TICKETS_PER_CLIENT_PER_HOUR", session_id)
+            raise ApiError("rate_limited", "Too many requests for our team from your network; try again later.", retry_after=300)
+        if outcome != "new" or ticket_id is None:
+            raise ApiError("not_found", "The session has ended.")
+        session = await self.sessions.get(session_id)
+        ticket = {
+            "id": ticket_id,
+            "sessionId": session_id,
+            "userId": session.user_id if session else None,
+            "status": "open",
+            "trigger": trigger,
+            "reason": reason,
+            # Shutting down: no model call now (the transcript is kept); a summary would hold the exit up.
+            "summary": None if self._stopping.is_set() else await self.summarizer.summarize(session_id),
+            "transcript": await self.sessions.transcript(session_id),
+            "contact": None,
+            "createdAt": now_iso(),
+            "updatedAt": now_iso(),
+        }
+        await self.sessions.save_ticket(ticket)  # the session's state and ticketId were set by the claim
+        logger.info("session {}: ticket {} opened ({})", session_id, ticket["id"], trigger)
+        await self.broadcaster.emit("contact-requested", {"sessionId": session_id}, session_id)
+        await self.post_system(
+            session_id,
+            "Nobody from our team is free right now. Leave your email address and we'll get back to you; "
+            "meanwhile I'm still here to help.",
+        )
         return ticket
 
     async def provide_contact(self, session_id: str, email: str) -> dict[str, Any]:
         """The customer told us where to reach them: the ticket is complete."""
         ticket = await self._open_ticket_for(session_id)
         if ticket is None:
-            ticket = await self.open_ticket(session_id, "user_request", "The visitor left contact details.")
+            ticket = await self._written(
+                await self.open_ticket(session_id, "user_request", "The visitor left contact details.")
+            )
+        if not await self.sessions.contact_changed(ticket["id"], email):  # said before: nothing new to announce
+            return ticket
         ticket = ticket | {
             "contact": {"email": email},
             "transcript": await self.sessions.transcript(session_id),
@@ -257,6 +276,16 @@ class HandoffService:
             "updatedAt": now_iso(),
         }
         await self.sessions.save_ticket(ticket)
+        return ticket
+
+    async def _written(self, ticket: dict[str, Any], wait: float = 30.0) -> dict[str, Any]:
+        """The stored ticket, waiting (bounded) while another request is still writing it (its summary)."""
+        deadline = time.monotonic() + wait
+        while "transcript" not in ticket:
+            if time.monotonic() > deadline:
+                raise ApiError("unavailable", "Your request is still being filed; please retry.", retry_after=2)
+            await asyncio.sleep(0.1)
+            ticket = await self.sessions.ticket(ticket["id"]) or ticket
         return ticket
 
     async def _open_ticket_for(self, session_id: str) -> dict[str, Any] | None:
@@ -296,14 +325,23 @@ class HandoffService:
         now_ms = int(time.time() * 1000)
         wait_cutoff = now_ms - int(self.wait_timeout * 1000)
         idle_cutoff = now_ms - int(self.idle_timeout * 1000)
+        # A session that expired while queued or held leaves nothing behind for anyone to claim or sweep.
+        expired = await self.sessions.drop_expired_handoffs()
+        for session_id in expired:
+            logger.info("session {}: expired while queued or held; its queue and hold entries removed", session_id)
+            await self.broadcaster.emit(
+                "session-ended", {"sessionId": session_id, "reason": "expired"}, agent_session_room(session_id), AGENTS_NAMESPACE
+            )
         waiting, idle = await self.sessions.overdue(wait_cutoff, idle_cutoff)
-        changed = False
+        changed = bool(expired)
         for session_id in waiting:
             entry = await self.sessions.take_overdue_waiting(session_id, wait_cutoff)
             if entry is None:
                 continue
             changed = True
-            await self.open_ticket(session_id, entry.get("trigger", "error"), entry.get("reason", "No agent was free."))
+            await self._ticket_unless_limited(
+                session_id, entry.get("trigger", "error"), entry.get("reason", "No agent was free.")
+            )
         if changed:
             await self.broadcast_queue()
         for session_id in idle:

@@ -29,6 +29,8 @@ class HealthService:
         pubsub_healthy: Callable[[], bool] | None = None,
         token_budget_per_day: int = 0,
         write_behind: WriteBehindStore | None = None,
+        engine_connections: Callable[[], int] | None = None,
+        prune_every: float = 60.0,
     ) -> None:
         self._redis = redis
         self._redis_mode = redis_mode
@@ -39,7 +41,10 @@ class HealthService:
         self._pubsub_healthy = pubsub_healthy
         self._token_budget_per_day = token_budget_per_day
         self._write_behind = write_behind
+        self._engine_connections = engine_connections
         self._started = time.monotonic()
+        self._prune_every = prune_every
+        self._pruned_at: float | None = None
 
     async def ready(self) -> dict[str, Any]:
         """Whether this process can serve: Redis answers and, when scaled out, pub/sub delivers."""
@@ -64,7 +69,7 @@ class HealthService:
             await self._redis.ping()
             redis_status = "ok"
             usage = await self._sessions.provider_usage()
-            active_sessions = await self._sessions.active_sessions()
+            active_sessions = await self._active_sessions()
             tokens_today = await self._sessions.tokens_today()
         except (OSError, aioredis.RedisError, TimeoutError):
             redis_status = "down"
@@ -105,4 +110,17 @@ class HealthService:
             "activeSessions": active_sessions,
             "tokens": {"today": tokens_today, "budgetPerDay": self._token_budget_per_day},
             "connectedClients": self._connected_clients(),
+            **({} if self._engine_connections is None else {"engineConnections": self._engine_connections()}),
         }
+
+    async def _active_sessions(self) -> int:
+        """Active sessions by a read (ZCOUNT); expired entries are pruned (a write) at most every `prune_every` s.
+
+        Health is public, so an anonymous GET must not cost a Redis write each time.
+        """
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= self._prune_every:
+            self._pruned_at = now
+            return await self._sessions.active_sessions()
+        cutoff = (time.time() - self._sessions.ttl_seconds) * 1000
+        return int(await self._redis.zcount(self._sessions._ACTIVE_KEY, f"({cutoff}", "+inf"))

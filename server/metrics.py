@@ -47,6 +47,34 @@ class Metrics:
             "support_redis_command_seconds", "Latency of the message-append script", buckets=REDIS_BUCKETS, registry=r
         )
         self.write_behind_depth = Gauge("support_write_behind_depth", "Messages waiting for Redis", registry=r)
+        self.engine_connections = Gauge(
+            "support_engineio_connections",
+            "Engine.IO transports open on this process, whether or not they joined a namespace",
+            registry=r,
+        )
+        self.transport_refusals = Counter(
+            "support_transport_refusals",
+            "Connections refused or closed by the transport guard, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.budget_degraded = Gauge(
+            "support_budget_degraded",
+            "1 while today's token budget is nearly spent and everyone is answered from the knowledge base",
+            registry=r,
+        )
+        self.tokens_today = Gauge(
+            "support_tokens_today", "Provider tokens charged today (reserved or reported), across processes", registry=r
+        )
+        self.budget_limited = Counter(
+            "support_budget_limited",
+            "Messages answered from the knowledge base (or, per session, refused) because a token budget was spent",
+            ["scope"],
+            registry=r,
+        )
+        self.prompt_trimmed = Counter(
+            "support_prompt_trimmed", "Prompts shortened to fit MAX_PROMPT_TOKENS", registry=r
+        )
         self._provider_children: dict[str, tuple[Any, Any, Any, Any]] = {}
 
     def record_attempt(self, provider: str, failed: bool, seconds: float) -> None:

@@ -49,18 +49,38 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request with status and timing (the socket.io transport logs its own events)."""
+    """One line per request with status and timing (the socket.io transport logs its own events).
+
+    It sits inside errors_middleware, so a failure raised by the handler (an ApiError such as a 401 or 429, an
+    aiohttp HTTPException, anything else) is logged here with the status it is about to be answered with.
+    """
     started = time.perf_counter()
-    response = await handler(request)
-    if not request.path.startswith("/socket.io"):
-        logger.info(
-            "http {} {} -> {} in {:.1f} ms",
-            request.method,
-            request.path,
-            response.status,
-            (time.perf_counter() - started) * 1000,
-        )
-    return response
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ApiError as err:
+        status = err.status
+        raise
+    except REDIS_DOWN:
+        status = 503
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away before the answer
+        raise
+    finally:
+        if not request.path.startswith("/socket.io"):
+            logger.info(
+                "http {} {} -> {} in {:.1f} ms",
+                request.method,
+                request.path,
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
 def cors_middleware(allowed: tuple[str, ...]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -115,5 +135,52 @@ def websocket_registry_middleware(
             return await handler(request)
         finally:
             open_websockets.discard(transport)
+
+    return middleware
+
+
+def body_read_timeout_middleware(
+    timeout: float,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """A request body must arrive within `timeout` seconds, or the client gets 408 and the connection is closed.
+
+    The deadline watches the body stream rather than reading it here, so every handler (engine.io's included)
+    keeps reading the way it does; when the deadline passes with the body incomplete, the pending read fails.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if timeout <= 0 or not request.body_exists or request.headers.get("Upgrade", "").lower() == "websocket":
+            return await handler(request)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            if not request.content.is_eof():
+                expired.append(True)
+                request.content.set_exception(web.RequestPayloadError("The request body did not arrive in time."))
+
+        deadline = asyncio.get_running_loop().call_later(timeout, expire)
+        try:
+            response = await handler(request)
+        except Exception:
+            if not expired:
+                raise
+            response = web.Response()  # replaced below
+        finally:
+            deadline.cancel()
+        if not expired:
+            return response
+        logger.warning("http {} {} from {}: body not received within {:g} s", request.method, request.path,
+                       request.remote, timeout)
+        slow = web.json_response(
+            {"error": {"code": "validation_error", "message": f"The request body did not arrive within {timeout:g} s."}},
+            status=408,
+        )
+        slow.force_close()
+        await slow.prepare(request)
+        await slow.write_eof()
+        if request.protocol is not None:
+            request.protocol.force_close()  # the rest of the body is not waited for (no lingering read)
+        return slow
 
     return middleware

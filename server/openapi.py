@@ -95,6 +95,7 @@ class DeletedSchema(ResponseSchema):
 
 class TicketListSchema(ResponseSchema):
     tickets = fields.List(fields.Dict(), required=True)
+    nextCursor = fields.String(allow_none=True, metadata={"description": "Pass as `cursor` for the next page; null at the end."})
 
 
 class AnalyticsSchema(ResponseSchema):
@@ -177,22 +178,24 @@ def build_openapi(schemas: Schemas) -> dict[str, Any]:
         "summary": "Rate a reply", "security": token, "requestBody": body("Feedback"),
         "responses": {"200": {"description": "Recorded", **_json("FeedbackResult")}, **_errors(400, 401, 404, 413, 503)}}})
     spec.path("/api/v1/tickets", operations={"get": {
-        "summary": "Tickets, newest first", "security": agent,
-        "parameters": [{"name": "status", "in": "query", "schema": {"type": "string", "enum": ["open", "resolved"]}}],
-        "responses": {"200": {"description": "Tickets", **_json("TicketList")}, **_errors(401, 503)}}})
+        "summary": "Tickets, newest first (filtered, then paged)", "security": agent,
+        "parameters": [{"name": "status", "in": "query", "schema": {"type": "string", "enum": ["open", "resolved"]}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                       {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "Tickets", **_json("TicketList")}, **_errors(400, 401, 429, 503)}}})
     spec.path("/api/v1/tickets/{ticketId}", operations={"get": {
         "summary": "One ticket with its transcript", "security": agent, "parameters": [ticket_id],
         "responses": {"200": {"description": "The ticket", "content": {"application/json": {"schema": {"type": "object"}}}},
-                      **_errors(401, 404, 503)}}})
+                      **_errors(401, 404, 429, 503)}}})
     spec.path("/api/v1/tickets/{ticketId}/resolve", operations={"post": {
         "summary": "Close a ticket", "security": agent, "parameters": [ticket_id],
         "requestBody": {"required": False, **_json("TicketResolve")},
         "responses": {"200": {"description": "The resolved ticket",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
-                      **_errors(400, 401, 404, 413, 503)}}})
+                      **_errors(400, 401, 404, 413, 429, 503)}}})
     spec.path("/api/v1/analytics", operations={"get": {
         "summary": "Per-day figures for the last 30 days", "security": agent,
-        "responses": {"200": {"description": "Analytics", **_json("Analytics")}, **_errors(401, 503)}}})
+        "responses": {"200": {"description": "Analytics", **_json("Analytics")}, **_errors(401, 429, 503)}}})
     for path in ("/api/v1/health", "/health"):
         spec.path(path, operations={"get": {
             "summary": "Health", "responses": {"200": {"description": "ok or degraded", **_json("Health")},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -12,24 +13,41 @@ from server import __version__
 from server.keys import OPENAPI, SETTINGS
 from server.settings import PROJECT_ROOT
 
-PUBLIC_DIR = PROJECT_ROOT / "public"
+PUBLIC_DIR = PROJECT_ROOT / "public"  # static files only: served as they are under /static/
+TEMPLATES_DIR = PROJECT_ROOT / "templates"  # pages: rendered, never served raw
 SOCKETIO_CLIENT = PROJECT_ROOT / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js"
 SOCKETIO_CDN = "https://cdn.socket.io/4.8.1/socket.io.min.js"
-CSP = (
-    "default-src 'self'; script-src 'self' https://cdn.socket.io; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-)
+# Subresource Integrity of that pinned file (socket.io's published value; the npm package's copy hashes the same).
+SOCKETIO_INTEGRITY = "sha384-mkQ3/7FUtcGyoppY6bz/PORYoGqOl7/aSUMn2ymDOJcapfS6PHqxhRTMh1RR0Q6+"
+CSP_KEY = web.AppKey("pages.csp", str)
 
 
-def _page_headers(response: web.StreamResponse) -> web.StreamResponse:
-    response.headers["Content-Security-Policy"] = CSP
+def content_security_policy(connect_sources: tuple[str, ...] = ()) -> str:
+    """The pages' policy: scripts from here and the one pinned CDN file; connections to this origin and configured ones.
+
+    `'self'` covers the page's own ws:/wss: origin (CSP Level 3); `connect_sources` (CSP_CONNECT_SRC) adds
+    others, for a Socket.IO endpoint on another host.
+    """
+    # A source is one token: whitespace, ';' or ',' in a configured value could not widen or add directives.
+    connect = " ".join(("'self'", *(src for src in connect_sources if re.fullmatch(r"[^\s;,']+", src))))
+    return (
+        f"default-src 'self'; script-src 'self' {SOCKETIO_CDN}; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {connect}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+
+
+CSP = content_security_policy()
+
+
+def _page_headers(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    response.headers["Content-Security-Policy"] = request.app.get(CSP_KEY, CSP)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
 
 
 def _render(template: str, request: web.Request) -> web.StreamResponse:
-    """A page with the Socket.IO client served locally when npm installed it, else from the CDN."""
+    """A page with the Socket.IO client served locally when npm installed it, else from the CDN (with SRI)."""
     settings = request.app[SETTINGS]
     response = aiohttp_jinja2.render_template(
         template,
@@ -37,11 +55,12 @@ def _render(template: str, request: web.Request) -> web.StreamResponse:
         {
             "socketio_src": "/vendor/socket.io.min.js" if SOCKETIO_CLIENT.exists() else "",
             "socketio_cdn": SOCKETIO_CDN,
+            "socketio_integrity": SOCKETIO_INTEGRITY,
             "store_name": settings.store_name,
             "version": __version__,
         },
     )
-    return _page_headers(response)
+    return _page_headers(request, response)
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -64,19 +83,20 @@ async def api_docs(request: web.Request) -> web.StreamResponse:
     response = aiohttp_jinja2.render_template(
         "docs.html", request, {"spec": request.app[OPENAPI], "store_name": request.app[SETTINGS].store_name}
     )
-    return _page_headers(response)
+    return _page_headers(request, response)
 
 
 async def socketio_client(request: web.Request) -> web.StreamResponse:
     """The browser client library from the npm package."""
     if not SOCKETIO_CLIENT.exists():
         raise web.HTTPNotFound()
-    return _page_headers(web.FileResponse(SOCKETIO_CLIENT, headers={"Cache-Control": "public, max-age=86400"}))
+    return _page_headers(request, web.FileResponse(SOCKETIO_CLIENT, headers={"Cache-Control": "public, max-age=86400"}))
 
 
-def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR) -> None:
-    """Templates from public/, static files under /static/."""
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(public_dir)), autoescape=True)
+def setup_pages(app: web.Application, public_dir: Path = PUBLIC_DIR, templates_dir: Path = TEMPLATES_DIR) -> None:
+    """Templates from templates/ (rendered with the pages' headers), static files from public/ under /static/."""
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(templates_dir)), autoescape=True)
+    app[CSP_KEY] = content_security_policy(app[SETTINGS].csp_connect_src)
     app.router.add_get("/", index)
     app.router.add_get("/agent", agent_console)
     app.router.add_get("/agent.html", agent_console)

@@ -53,6 +53,7 @@ class ChainFailed:
 
 
 ChainEvent = ChainDelta | ChainInterrupted | ChainDone | ChainFailed
+LOCAL_PROVIDER = "local"  # the knowledge base: free, offline, what a spent token budget still allows
 
 
 class _StallWatchdog:
@@ -147,11 +148,18 @@ class ProviderChain:
         self._idle_timeout = idle_timeout
         self._record_attempt = record_attempt
         self._on_first_token = on_first_token
+        # Set by the token budgets: while it says so, background (passive) calls make no paid call either.
+        self.paid_paused: Callable[[], bool] = lambda: False
 
     @property
     def usable_names(self) -> list[str]:
         """Providers that are configured, in failover order."""
         return [p.name for p in self.providers if p.configured]
+
+    @property
+    def paid_names(self) -> tuple[str, ...]:
+        """Every provider but the local knowledge base (those a spent token budget rules out)."""
+        return tuple(p.name for p in self.providers if p.name != LOCAL_PROVIDER)
 
     def _to_try(self, skip: tuple[str, ...], passive: bool, reasons: list[str]) -> Iterator[AIProvider]:
         """The providers to call, in order, each checked with its breaker just before its turn.
@@ -177,13 +185,21 @@ class ProviderChain:
         yield probe
 
     async def stream(
-        self, request: ProviderRequest, skip: tuple[str, ...] = (), *, passive: bool = False
+        self,
+        request: ProviderRequest,
+        skip: tuple[str, ...] = (),
+        *,
+        passive: bool = False,
+        local_only: bool = False,
     ) -> AsyncIterator[ChainEvent]:
         """Yield the answer as it is written, failing over before or after the first delta.
 
         `passive` calls (background summaries) use only providers whose circuit is closed and leave every
         breaker as it was: they never count a failure, close a circuit, take a half-open trial or probe.
+        `local_only` calls (a token budget is spent) use the local knowledge base alone: no paid call.
         """
+        if local_only or (passive and self.paid_paused()):
+            skip = (*skip, *self.paid_names)
         reasons: list[str] = []
         attempts: list[tuple[str, bool]] = []
         partial = ""

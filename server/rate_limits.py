@@ -20,11 +20,13 @@ class RateLimits:
         messages_per_minute: int,
         connections_per_minute: int,
         trusted_proxies: tuple[str, ...],
+        events_per_minute: int = 0,
     ) -> None:
         self._sessions = sessions
         self.sessions_per_minute = sessions_per_minute
         self.messages_per_minute = messages_per_minute
         self.connections_per_minute = connections_per_minute
+        self.events_per_minute = events_per_minute
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
@@ -52,6 +54,10 @@ class RateLimits:
     async def check_message(self, session_id: str) -> None:
         """Raise rate_limited when this session sent too many messages this minute."""
         await self._check(f"messages:{session_id}", self.messages_per_minute, "Too many messages")
+
+    async def check_event(self, session_id: str) -> None:
+        """Raise rate_limited when this session sent too many other events (escalate, feedback, ...) this minute."""
+        await self._check(f"events:{session_id}", self.events_per_minute, "Too many requests")
 
     async def check_connection(self, ip: str) -> None:
         """Raise rate_limited when this address opened too many sockets this minute."""

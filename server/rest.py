@@ -10,6 +10,7 @@ from aiohttp_sse import sse_response
 from loguru import logger
 
 from server import json_codec
+from server.auth_throttle import AuthThrottle
 from server.errors import ApiError, unauthorized
 from server.keys import (
     AGENT_DIRECTORY,
@@ -65,8 +66,9 @@ async def json_body(request: web.Request) -> Any:
 async def create_session(request: web.Request) -> web.Response:
     data = load(request.app[SCHEMAS].create_session, await json_body(request))
     limits = request.app[RATE_LIMITS]
-    await limits.check_session_creation(limits.client_ip(request.remote, request.headers.get("X-Forwarded-For")))
-    session, token = await request.app[SESSIONS].create(data["userId"], data["metadata"])
+    ip = limits.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+    await limits.check_session_creation(ip)
+    session, token = await request.app[SESSIONS].create(data["userId"], data["metadata"], client_ip=ip)
     return web.json_response(
         {
             "sessionId": session.id,
@@ -79,12 +81,47 @@ async def create_session(request: web.Request) -> web.Response:
     )
 
 
+SESSION_TOKEN_HEADER = "X-Session-Token"
+_ROTATED_TOKEN = web.RequestKey("support.rotatedSessionToken", str)  # the token that replaced the presented one
+
+
+async def authenticate_session(request: web.Request, session_id: str, *, rotate: bool = True) -> None:
+    """The session's own Bearer token; after an idle spell (TOKEN_ROTATE_AFTER) it is replaced by a new one.
+
+    The new token travels back in the `X-Session-Token` response header (on whatever answer follows); the old
+    one stops working, and presenting it again after TOKEN_REUSE_GRACE revokes every token of the session.
+    """
+    token = bearer_token(request)
+    sessions = request.app[SESSIONS]
+    await sessions.authenticate(session_id, token)
+    if not rotate or token is None:
+        return
+    try:
+        new_token = await sessions.rotate_token_if_idle(session_id, token, request.app[SETTINGS].token_rotate_after)
+    except REDIS_DOWN:  # verified from this process's memory during an outage: the visitor keeps its token
+        return
+    if new_token is not None:
+        request[_ROTATED_TOKEN] = new_token
+
+
+async def _hand_back_token(request: web.Request, response: web.StreamResponse) -> None:
+    """Put a rotated session token on the answer (never cached; readable by allowed cross-origin pages)."""
+    token = request.get(_ROTATED_TOKEN)
+    if not token:
+        return
+    response.headers[SESSION_TOKEN_HEADER] = token
+    response.headers["Cache-Control"] = "no-store"
+    if "Access-Control-Allow-Origin" in response.headers:
+        exposed = response.headers.get("Access-Control-Expose-Headers")
+        exposed = f"{exposed}, {SESSION_TOKEN_HEADER}" if exposed else SESSION_TOKEN_HEADER
+        response.headers["Access-Control-Expose-Headers"] = exposed
+
+
 async def _admit_message(request: web.Request, session_id: str) -> None:
     """The session's own token, and room in its rate limit (a token verified here before passes in an outage)."""
-    token = bearer_token(request)
-    if token is None:
+    if bearer_token(request) is None:
         raise unauthorized()
-    await request.app[SESSIONS].authenticate(session_id, token)
+    await authenticate_session(request, session_id)
     await request.app[RATE_LIMITS].check_message(session_id)
 
 
@@ -155,7 +192,7 @@ async def send_message_stream(request: web.Request) -> web.StreamResponse:
 async def history(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     query = load(request.app[SCHEMAS].history_query, dict(request.query))
-    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    await authenticate_session(request, session_id)
     page = await request.app[SESSIONS].history(session_id, query["limit"], query.get("before"))
     return web.json_response({"sessionId": session_id, "messages": page.messages, "hasMore": page.has_more})
 
@@ -168,7 +205,7 @@ async def health(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     """The person's right to be forgotten; logged as an audit event without content."""
     session_id = request.match_info["session_id"]
-    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    await authenticate_session(request, session_id, rotate=False)
     await request.app[SESSIONS].delete(session_id)
     logger.info("audit: session {} deleted by its owner", session_id)
     return web.json_response({"sessionId": session_id, "deleted": True})
@@ -177,7 +214,7 @@ async def delete_session(request: web.Request) -> web.Response:
 async def export_session(request: web.Request) -> web.Response:
     """Everything kept about a session, as JSON; logged as an audit event without content."""
     session_id = request.match_info["session_id"]
-    await request.app[SESSIONS].authenticate(session_id, bearer_token(request))
+    await authenticate_session(request, session_id)
     logger.info("audit: session {} exported by its owner", session_id)
     return web.json_response(await request.app[SESSIONS].export(session_id))
 
@@ -185,7 +222,7 @@ async def export_session(request: web.Request) -> web.Response:
 async def feedback(request: web.Request) -> web.Response:
     """Thumbs up or down on a reply, counted in analytics."""
     data = load(request.app[SCHEMAS].feedback, await json_body(request))
-    await request.app[SESSIONS].authenticate(data["sessionId"], bearer_token(request))
+    await authenticate_session(request, data["sessionId"])
     entry = await request.app[SESSIONS].record_feedback(
         data["sessionId"], data["messageId"], data["rating"], data["comment"]
     )
@@ -194,29 +231,37 @@ async def feedback(request: web.Request) -> web.Response:
 
 async def analytics(request: web.Request) -> web.Response:
     """Per-day figures for the last 30 days (agent key)."""
-    require_agent(request)
+    await require_agent(request)
     return web.json_response({"days": await request.app[SESSIONS].analytics(30)})
 
 
-def require_agent(request: web.Request) -> str:
-    """The agent's name for the Bearer agent key; customers' session tokens never pass."""
-    name = request.app[AGENT_DIRECTORY].name_for(bearer_token(request))
-    if name is None:
-        raise ApiError("unauthorized", "A valid agent key is required.")
-    return name
+async def require_agent(request: web.Request) -> str:
+    """The agent's name for the Bearer agent key; customers' session tokens never pass; guessing is throttled."""
+    app = request.app
+    return await AuthThrottle.for_app(app).authenticate(
+        AuthThrottle.client_ip(app, request.remote, request.headers.get("X-Forwarded-For")),
+        f"{request.method} {request.path}",
+        "agent key",
+        lambda: app[AGENT_DIRECTORY].name_for(bearer_token(request)),
+        ApiError("unauthorized", "A valid agent key is required."),
+    )
 
 
 async def list_tickets(request: web.Request) -> web.Response:
-    require_agent(request)
-    tickets = await request.app[SESSIONS].tickets()
-    status = request.query.get("status")
-    if status:
-        tickets = [t for t in tickets if t.get("status") == status]
-    return web.json_response({"tickets": [{k: v for k, v in t.items() if k != "transcript"} for t in tickets]})
+    """Tickets newest first, filtered by `status` before the page is cut; `limit` and `cursor` page on."""
+    await require_agent(request)
+    raw_limit = request.query.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
+        raise ApiError("validation_error", "Invalid limit.", {"limit": "A whole number from 1 to 500."})
+    page = await request.app[SESSIONS].ticket_page(
+        limit=int(raw_limit), status=request.query.get("status") or None, cursor=request.query.get("cursor") or None
+    )
+    tickets = [{k: v for k, v in t.items() if k != "transcript"} for t in page.tickets]
+    return web.json_response({"tickets": tickets, "nextCursor": page.next_cursor})
 
 
 async def show_ticket(request: web.Request) -> web.Response:
-    require_agent(request)
+    await require_agent(request)
     ticket = await request.app[SESSIONS].ticket(request.match_info["ticket_id"])
     if ticket is None:
         raise ApiError("not_found", "No such ticket.")
@@ -224,7 +269,7 @@ async def show_ticket(request: web.Request) -> web.Response:
 
 
 async def resolve_ticket(request: web.Request) -> web.Response:
-    agent = require_agent(request)
+    agent = await require_agent(request)
     body = await json_body(request)
     data = load(request.app[SCHEMAS].ticket_resolve, {} if body is None else body)
     ticket = await request.app[HANDOFF].resolve_ticket(request.match_info["ticket_id"], agent, data["resolution"])
@@ -245,8 +290,14 @@ async def readiness(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; with METRICS_TOKEN set, only for that Bearer token."""
     expected = request.app[SETTINGS].metrics_token
-    if expected and Secret(bearer_token(request)) != expected:
-        raise ApiError("unauthorized", "A valid metrics token is required.")
+    if expected:
+        await AuthThrottle.for_app(request.app).authenticate(
+            AuthThrottle.client_ip(request.app, request.remote, request.headers.get("X-Forwarded-For")),
+            f"{request.method} {request.path}",
+            "metrics token",
+            lambda: True if Secret(bearer_token(request)) == expected else None,
+            ApiError("unauthorized", "A valid metrics token is required."),
+        )
     registry = request.app[METRICS]
     chain = request.app[CHAIN]
     try:
@@ -269,7 +320,17 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Every REST route in one place."""
+    """Every REST route in one place, and the hand-back of rotated session tokens."""
+    app.on_response_prepare.append(_hand_back_token)
+    settings = app[SETTINGS]
+    if SESSIONS in app:
+        app[SESSIONS].token_reuse_grace = settings.token_reuse_grace
+    if settings.token_rotate_after is not None and settings.token_rotate_after >= settings.session_ttl_seconds:
+        logger.warning(
+            "TOKEN_ROTATE_AFTER ({:g} s) is not shorter than SESSION_TIMEOUT ({} s): tokens will never rotate",
+            settings.token_rotate_after,
+            settings.session_ttl_seconds,
+        )
     app.router.add_post("/api/v1/chat/session", create_session)
     app.router.add_post("/api/v1/chat/message", send_message)
     app.router.add_post("/api/v1/chat/message/stream", send_message_stream)

@@ -15,6 +15,9 @@ from server.errors import ApiError, validation_error
 # C0/C1 control characters except tab, newline and carriage return.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
+# Bidirectional embeddings, overrides and isolates (U+202A-202E, U+2066-2069): in a visitor's text they reorder
+# what an agent reads (a reversed order number, a spoofed line); no support message needs them.
+_BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 _ID_PATTERN = validate.Regexp(r"^[A-Za-z0-9_.:@\-]{1,128}$", error="Use 1-128 letters, digits or _.:@-")
 
 
@@ -29,11 +32,12 @@ class Text(fields.String):
 
 
 class CleanString(Text):
-    """A string normalized to NFC with control characters removed, so stored text is what users see."""
+    """A string normalized to NFC with control and bidi-override characters removed, so stored text is what users see."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        return _CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text))
+        text = _CONTROL_CHARS.sub("", unicodedata.normalize("NFC", text))
+        return text if text.isascii() else _BIDI_CONTROLS.sub("", text)
 
 
 class MessageText(CleanString):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import hmac
@@ -18,8 +19,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from loguru import logger
 from redis.asyncio.lock import Lock
 
+from server import privacy_scripts
 from server.errors import ApiError, unauthorized
 
 PREFIX = "chat"
@@ -27,6 +30,29 @@ PREFIX = "chat"
 # What an unreachable Redis raises through redis-py (and the socket errors beneath it).
 REDIS_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, OSError, TimeoutError)
 VERIFIED_TOKENS_KEPT = 20_000
+
+# History cap (MAX_HISTORY_PER_SESSION, kept in the session hash as `maxHistory`): the oldest messages are
+# trimmed off the list and out of the id and clientMessageId indexes. The index holds absolute positions (the
+# n-th message the session ever stored); the session's `trimmed` field counts the messages cut off the front,
+# so a list position is the absolute one minus `trimmed`. Sessions stored before the cap have neither field.
+_TRIM_LUA = """
+local function trim_history(session_key, history_key, index_key, client_key)
+  local keep = tonumber(redis.call('HGET', session_key, 'maxHistory') or '0')
+  if keep <= 0 then return end
+  local n = redis.call('LLEN', history_key)
+  if n <= keep then return end
+  local drop = n - keep
+  for _, raw in ipairs(redis.call('LRANGE', history_key, 0, drop - 1)) do
+    local ok, old = pcall(cjson.decode, raw)
+    if ok and type(old) == 'table' then
+      if type(old.id) == 'string' then redis.call('HDEL', index_key, old.id) end
+      if type(old.clientMessageId) == 'string' then redis.call('HDEL', client_key, old.clientMessageId) end
+    end
+  end
+  redis.call('LTRIM', history_key, drop, -1)
+  redis.call('HINCRBY', session_key, 'trimmed', drop)
+end
+"""
 
 # Appends one message atomically: refuses unknown sessions, honours clientMessageId idempotence,
 # keeps the id->position index, renews every TTL, and returns the context that preceded it.
@@ -36,20 +62,19 @@ VERIFIED_TOKENS_KEPT = 20_000
 # process finishes the reply if its owner dies (see take_expired_leases). A lease found there already belongs
 # to a reply nobody finished (its owner died; whoever appends holds the session's turn), and is returned so
 # the caller answers that message first.
-_APPEND_SCRIPT = """
+_APPEND_SCRIPT = _TRIM_LUA + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, false, {}, ''} end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
 local known = redis.call('HGET', KEYS[3], ARGV[1])
-if known then return {0, redis.call('LINDEX', KEYS[2], tonumber(known)), {}, state} end
+if known then return {0, redis.call('LINDEX', KEYS[2], tonumber(known) - offset), {}, state} end
 if ARGV[3] ~= '' then
   local existing = redis.call('HGET', KEYS[4], ARGV[3])
-  if existing then
-    local pos = tonumber(redis.call('HGET', KEYS[3], existing))
-    return {0, redis.call('LINDEX', KEYS[2], pos), {}, state}
-  end
+  local pos = existing and redis.call('HGET', KEYS[3], existing)
+  if pos then return {0, redis.call('LINDEX', KEYS[2], tonumber(pos) - offset), {}, state} end
 end
 local n = redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], n - 1)
+redis.call('HSET', KEYS[3], ARGV[1], offset + n - 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[6])
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
@@ -68,6 +93,7 @@ if want > 0 and n > 1 then
   if first < 0 then first = 0 end
   context = redis.call('LRANGE', KEYS[2], first, n - 2)
 end
+trim_history(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
 local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
 return {1, ARGV[2], context, state, tokens, day_tokens, orphan}
@@ -77,7 +103,7 @@ return {1, ARGV[2], context, state, tokens, day_tokens, orphan}
 # Stores a finished reply with all its book-keeping in one round trip: the message(s) in order (ids already
 # stored are skipped, so a retried write stores nothing twice), the streamed text forgotten, the reply's lease
 # released, tokens for the budgets, the day's analytics and the provider usage counters.
-_FINISH_SCRIPT = """
+_FINISH_SCRIPT = _TRIM_LUA + """
 local ttl = tonumber(ARGV[1])
 local n_attempts = tonumber(ARGV[10])
 for i = 0, n_attempts - 1 do
@@ -104,12 +130,14 @@ if ARGV[5] ~= '' and redis.call('TYPE', KEYS[6]).ok == 'string' then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
 for i = 11 + 2 * n_attempts, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
     local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-    redis.call('HSET', KEYS[3], ARGV[i], n - 1)
+    redis.call('HSET', KEYS[3], ARGV[i], offset + n - 1)
   end
 end
+trim_history(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('DEL', KEYS[10])
 redis.call('ZREM', KEYS[11], ARGV[4])
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
@@ -227,6 +255,93 @@ end
 return taken
 """
 
+# Token budgets (see server/budgets.py), one step for every counter a provider call is charged to: KEYS are the
+# day's counters (global, visitor, client IP) and beside each its "noticed" marker; ARGV[1] is the tokens to
+# reserve, ARGV[2] the TTL, ARGV[3..] each counter's limit (0: counted, no limit; -1: not this call's). When a
+# counter would pass its limit nothing is charged and {index, global used, first} says which (first = 1 the
+# first time today that counter refused, so it is logged once across processes); else all are charged together
+# and {0, global used, 0} comes back. A negative ARGV[1] with every limit 0 settles a reservation (adds the
+# difference between the tokens used and those reserved) and refuses nothing.
+_BUDGET_SCRIPT = """
+local amount = tonumber(ARGV[1])
+local n = #KEYS / 2
+local used = {}
+for i = 1, n do used[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+for i = 1, n do
+  local limit = tonumber(ARGV[2 + i])
+  if limit > 0 and used[i] + amount > limit then
+    local first = redis.call('SET', KEYS[n + i], '1', 'NX', 'EX', ARGV[2]) and 1 or 0
+    return {i, used[1], first}
+  end
+end
+for i = 1, n do
+  if tonumber(ARGV[2 + i]) >= 0 and amount ~= 0 then
+    local now = redis.call('INCRBY', KEYS[i], amount)
+    if now < 0 then redis.call('SET', KEYS[i], 0) end
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  end
+end
+return {0, used[1] + amount, 0}
+"""
+
+# Reads part of a session's history around a message, in one step with the trim offset (see _TRIM_LUA): list
+# positions [anchor + ARGV[2], anchor + ARGV[3]], where the anchor is message ARGV[1]'s position, or the
+# list's length when ARGV[1] is ''. Returns {found, first position read, items}.
+_WINDOW_SCRIPT = """
+local anchor
+if ARGV[1] == '' then
+  anchor = redis.call('LLEN', KEYS[2])
+else
+  local pos = redis.call('HGET', KEYS[3], ARGV[1])
+  if not pos then return {0, 0, {}} end
+  anchor = tonumber(pos) - tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
+  if anchor < 0 then return {0, 0, {}} end
+end
+local first = anchor + tonumber(ARGV[2])
+local last = anchor + tonumber(ARGV[3])
+if first < 0 then first = 0 end
+if last < first then return {1, first, {}} end
+return {1, first, redis.call('LRANGE', KEYS[2], first, last)}
+"""
+
+# One open ticket per session: reserves ticket ARGV[1] for the session unless one is open (or being written,
+# reserved less than ARGV[4] ms ago); counts it against the session's client address (at most ARGV[5] an hour,
+# 0 = no limit; counter key ARGV[6] .. address). Returns {1, id} reserved, {0, id} one exists, {2, ''} over the
+# client's limit, {-1, ''} no such session.
+_CLAIM_TICKET_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+local current = redis.call('HGET', KEYS[1], 'ticketId')
+if current then
+  local raw = redis.call('GET', ARGV[3] .. current)
+  if raw then
+    if cjson.decode(raw).status == 'open' then return {0, current} end
+  elseif tonumber(ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], 'ticketClaimedAt') or '0') < tonumber(ARGV[4]) then
+    return {0, current}
+  end
+end
+local limit = tonumber(ARGV[5])
+local client = redis.call('HGET', KEYS[1], 'clientIp')
+if limit > 0 and client then
+  local key = ARGV[6] .. client
+  local count = redis.call('INCR', key)
+  if count == 1 then redis.call('EXPIRE', key, 3600) end
+  if count > limit then return {2, ''} end
+end
+redis.call('HSET', KEYS[1], 'state', 'ticket', 'ticketId', ARGV[1], 'ticketClaimedAt', ARGV[2])
+return {1, ARGV[1]}
+"""
+
+# The next ARGV[3] ticket ids (with scores), newest first, after ticket ARGV[1] ('' = from the newest); a cursor
+# ticket no longer listed continues below its score ARGV[2].
+_TICKET_PAGE_SCRIPT = """
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if rank then start = rank + 1 else start = redis.call('ZCOUNT', KEYS[1], ARGV[2], '+inf') end
+end
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
+"""
+
 
 def now_iso(ts: float | None = None) -> str:
     """Contract timestamps: ISO 8601 in UTC with milliseconds."""
@@ -264,6 +379,7 @@ class Session:
     expires_at: str
     state: str
     metadata: dict[str, Any]
+    client_ip: str | None = None  # where the session was opened from: its requests are charged to that address
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +405,30 @@ class ReplyLease:
 
 
 @dataclass(frozen=True, slots=True)
+class TicketPage:
+    """One page of tickets, newest first, and the opaque cursor of the next page (None: no more)."""
+
+    tickets: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _encode_cursor(ticket_id: str, score: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"id": ticket_id, "s": score})).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[str, str]:
+    """(ticket id, score) of the last ticket a page read; ("", "+inf") to start from the newest."""
+    if not cursor:
+        return "", "+inf"
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        ticket_id, score = str(data["id"]), str(float(data["s"]))
+    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError):
+        raise ApiError("validation_error", "Invalid cursor.", {"cursor": "Not a cursor this server gave."}) from None
+    return ticket_id, score
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     """One page of history, oldest first."""
 
@@ -299,9 +439,18 @@ class HistoryPage:
 class SessionManager:
     """Sessions, tokens, history, idempotency and usage counters in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        ttl_seconds: int,
+        *,
+        max_history: int = 0,
+        tickets_per_client_per_hour: int = 0,
+    ) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
+        self.max_history = max_history  # messages kept per session (0: all); older ones are trimmed
+        self.tickets_per_client_per_hour = tickets_per_client_per_hour
         self._snapshots = _SnapshotWriter(redis, ttl_seconds)
         # Sessions whose token this process verified (or issued), so their owners keep chatting while Redis is
         # unreachable: {sessionId: (token digest, session, verified at)}, least recently verified first.
@@ -315,6 +464,16 @@ class SessionManager:
         self._expire_waiting = redis.register_script(_EXPIRE_WAITING_SCRIPT)
         self._take_leases = redis.register_script(_TAKE_LEASES_SCRIPT)
         self._escalate = redis.register_script(_ESCALATION_SCRIPT)
+        self._window = redis.register_script(_WINDOW_SCRIPT)
+        self._claim_ticket = redis.register_script(_CLAIM_TICKET_SCRIPT)
+        self._ticket_page = redis.register_script(_TICKET_PAGE_SCRIPT)
+        self._budget = redis.register_script(_BUDGET_SCRIPT)
+        self._rotate_token = redis.register_script(privacy_scripts.ROTATE_TOKEN)
+        self._token_reuse = redis.register_script(privacy_scripts.TOKEN_REUSE)
+        self._record_feedback = redis.register_script(privacy_scripts.RECORD_FEEDBACK)
+        self._drop_expired_handoffs = redis.register_script(privacy_scripts.DROP_EXPIRED_HANDOFFS)
+        # Seconds a rotated token is refused without revoking the session's tokens (TOKEN_REUSE_GRACE).
+        self.token_reuse_grace = 5.0
 
     # Keys -------------------------------------------------------------------------------
     @staticmethod
@@ -376,13 +535,17 @@ class SessionManager:
             self._in_flight_key(session_id),
             self._pending_key(session_id),
             self._escalation_ids_key(session_id),
+            self._feedback_key(session_id),
+            self._retired_tokens_key(session_id),
         ]
 
     def _expires_at(self, now: float) -> str:
         return now_iso(now + self.ttl_seconds)
 
     # Sessions ---------------------------------------------------------------------------
-    async def create(self, user_id: str, metadata: dict[str, Any]) -> tuple[Session, str]:
+    async def create(
+        self, user_id: str, metadata: dict[str, Any], client_ip: str | None = None
+    ) -> tuple[Session, str]:
         """Open a session and hand back its token; the token itself is never stored."""
         now = time.time()
         session = Session(
@@ -392,6 +555,7 @@ class SessionManager:
             expires_at=self._expires_at(now),
             state="active",
             metadata=metadata,
+            client_ip=client_ip,
         )
         token = secrets.token_urlsafe(32)
         key = self._session_key(session.id)
@@ -405,6 +569,8 @@ class SessionManager:
                     "expiresAt": session.expires_at,
                     "state": session.state,
                     "metadata": json.dumps(metadata, ensure_ascii=False),
+                    **({"clientIp": client_ip} if client_ip else {}),
+                    **({"maxHistory": self.max_history} if self.max_history > 0 else {}),
                 },
             )
             pipe.expire(key, self.ttl_seconds)
@@ -438,6 +604,8 @@ class SessionManager:
         expected = raw.get(b"tokenHash", b"").decode() if raw else ""
         if not raw or not token or not hmac.compare_digest(expected, presented):
             self._verified.pop(session_id, None)
+            if raw and token:
+                await self._check_token_reuse(session_id, presented)
             raise unauthorized()
         session = self._to_session(session_id, raw)
         self._remember(session, presented)
@@ -475,6 +643,7 @@ class SessionManager:
             expires_at=raw[b"expiresAt"].decode(),
             state=raw.get(b"state", b"active").decode(),
             metadata=json.loads(raw.get(b"metadata", b"{}")),
+            client_ip=raw[b"clientIp"].decode() if b"clientIp" in raw else None,
         )
 
     # Messages ---------------------------------------------------------------------------
@@ -535,37 +704,68 @@ class SessionManager:
         """Provider tokens used today, across processes."""
         return int(await self.redis.get(self._day_tokens_key()) or 0)
 
+    # Token budgets (policy in server/budgets.py) ------------------------------------------------
+    @staticmethod
+    def budget_key(day: str, scope: str = "", owner: str = "") -> str:
+        """A day's budget counter: everyone's (no scope), or one visitor's or client address's."""
+        return f"{PREFIX}:budget:{day}" + (f":{scope}:{owner}" if scope else "")
+
+    async def charge_budgets(
+        self, counters: Sequence[tuple[str, int]], tokens: int, ttl_seconds: int
+    ) -> tuple[int, int, bool]:
+        """Reserve `tokens` on every counter at once unless one would pass its limit (atomic, across processes).
+
+        `counters` are (key, limit) with the global one first; returns (index of the counter that refused, 1-based,
+        or 0 when charged; today's global tokens; whether that counter refused for the first time today).
+        """
+        keys = [key for key, _ in counters]
+        refused, used, first = await self._budget(
+            keys=[*keys, *(f"{key}:noticed" for key in keys)],
+            args=[tokens, ttl_seconds, *(limit for _, limit in counters)],
+        )
+        return int(refused), int(used), bool(first)
+
+    async def settle_budgets(self, keys: Sequence[str], difference: int, ttl_seconds: int) -> int:
+        """Correct reserved tokens by what the provider reported using; returns today's global tokens."""
+        _, used, _ = await self._budget(
+            keys=[*keys, *(f"{key}:noticed" for key in keys)], args=[difference, ttl_seconds, *(0 for _ in keys)]
+        )
+        return int(used)
+
+    async def budget_salt(self, day: str, ttl_seconds: int) -> str:
+        """The day's random salt for client-address counters (shared by every process, gone after two days)."""
+        key = f"{PREFIX}:budget:{day}:salt"
+        await self.redis.set(key, secrets.token_hex(16), nx=True, ex=ttl_seconds)
+        salt = await self.redis.get(key)
+        return salt.decode() if isinstance(salt, bytes) else str(salt)
+
     async def history(self, session_id: str, limit: int, before: str | None = None) -> HistoryPage:
         """The newest `limit` messages (older than `before`), oldest first."""
-        if before is None:
-            end = await self.redis.llen(self._history_key(session_id)) - 1
-        else:
-            position = await self.redis.hget(self._index_key(session_id), before)
-            if position is None:
-                raise ApiError("validation_error", "Unknown message id.", {"before": "No such message in this session."})
-            end = int(position) - 1
-        if end < 0:
-            return HistoryPage(messages=[], has_more=False)
-        start = max(0, end - limit + 1)
-        raw = await self.redis.lrange(self._history_key(session_id), start, end)
-        return HistoryPage(messages=[orjson.loads(item) for item in raw], has_more=start > 0)
+        found, start, raw = await self._around(session_id, before, -limit, -1)
+        if not found:
+            raise ApiError("validation_error", "Unknown message id.", {"before": "No such message in this session."})
+        return HistoryPage(messages=[orjson.loads(item) for item in raw], has_more=bool(raw) and start > 0)
+
+    async def _around(
+        self, session_id: str, anchor_id: str | None, first: int, last: int
+    ) -> tuple[bool, int, list[bytes]]:
+        """History list items [anchor + first, anchor + last] around a message (None: the end), trim-aware."""
+        keys = [self._session_key(session_id), self._history_key(session_id), self._index_key(session_id)]
+        found, start, raw = await self._window(keys=keys, args=[anchor_id or "", first, last])
+        return found == 1, int(start), list(raw)
 
     async def messages_after(self, session_id: str, message_id: str | None, limit: int = 500) -> list[dict[str, Any]]:
         """What a rejoining client missed: everything after `message_id`, or the latest page."""
         if message_id is None:
             return (await self.history(session_id, limit)).messages
-        position = await self.redis.hget(self._index_key(session_id), message_id)
-        if position is None:
+        found, _, raw = await self._around(session_id, message_id, 1, limit)
+        if not found:
             return (await self.history(session_id, limit)).messages
-        raw = await self.redis.lrange(self._history_key(session_id), int(position) + 1, int(position) + limit)
         return [orjson.loads(item) for item in raw]
 
     async def find_reply(self, session_id: str, user_message_id: str) -> dict[str, Any] | None:
         """The answer stored for a user message, for idempotent REST retries."""
-        position = await self.redis.hget(self._index_key(session_id), user_message_id)
-        if position is None:
-            return None
-        raw = await self.redis.lrange(self._history_key(session_id), int(position) + 1, int(position) + 20)
+        _, _, raw = await self._around(session_id, user_message_id, 1, 20)
         for item in raw:
             message = orjson.loads(item)
             if message.get("replyTo") == user_message_id:
@@ -611,12 +811,8 @@ class SessionManager:
         self, session_id: str, message_id: str, context_size: int
     ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """A stored message and the `context_size` messages before it, to answer it again after a crash."""
-        position = await self.redis.hget(self._index_key(session_id), message_id)
-        if position is None:
-            return None
-        end = int(position)
-        raw = await self.redis.lrange(self._history_key(session_id), max(0, end - context_size), end)
-        if not raw:
+        found, _, raw = await self._around(session_id, message_id, -context_size, 0)
+        if not found or not raw:
             return None
         items = [orjson.loads(item) for item in raw]
         return items[-1], items[:-1]
@@ -840,13 +1036,75 @@ class SessionManager:
         raw = await self.redis.get(self._ticket_key(ticket_id))
         return orjson.loads(raw) if raw else None
 
-    async def tickets(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest tickets first."""
-        ids = await self.redis.zrevrange(self._TICKETS_KEY, 0, limit - 1)
-        if not ids:
-            return []
-        raw = await self.redis.mget([self._ticket_key(i.decode()) for i in ids])
-        return [orjson.loads(item) for item in raw if item]
+    async def tickets(self, limit: int = 100, *, status: str | None = None) -> list[dict[str, Any]]:
+        """Newest tickets first (of `status` when given: filtered before the limit is applied)."""
+        return (await self.ticket_page(limit=limit, status=status)).tickets
+
+    async def ticket_page(
+        self, *, limit: int = 100, status: str | None = None, cursor: str | None = None, scan_limit: int = 5000
+    ) -> TicketPage:
+        """Up to `limit` tickets (of `status`), newest first, after `cursor`; the next page's cursor, if any.
+
+        Tickets are filtered as they are read, so a flood of other tickets never hides matching ones; one page
+        reads at most `scan_limit` tickets, and a page cut short there still hands out a cursor to go on.
+        """
+        after_id, after_score = _decode_cursor(cursor)
+        found: list[dict[str, Any]] = []
+        scanned = 0
+        while True:
+            batch = max(limit, 100)
+            rows = await self._ticket_page(keys=[self._TICKETS_KEY], args=[after_id, after_score, batch])
+            pairs = [(rows[i].decode(), rows[i + 1].decode()) for i in range(0, len(rows), 2)]
+            if not pairs:
+                return TicketPage(found, None)
+            raw = await self.redis.mget([self._ticket_key(ticket_id) for ticket_id, _ in pairs])
+            for (ticket_id, score), item in zip(pairs, raw, strict=True):
+                after_id, after_score = ticket_id, score
+                scanned += 1
+                ticket = orjson.loads(item) if item else None
+                if ticket is not None and (status is None or ticket.get("status") == status):
+                    found.append(ticket)
+                if len(found) >= limit or scanned >= scan_limit:
+                    return TicketPage(found, _encode_cursor(after_id, after_score))
+            if len(pairs) < batch:
+                return TicketPage(found, None)
+
+    async def claim_ticket(self, session_id: str, ticket_id: str, pending_ms: int = 60_000) -> tuple[str, str | None]:
+        """Reserve the session's one open ticket: ("new", id), ("exists", id), ("limited", None) or ("gone", None).
+
+        Atomic across processes: of concurrent escalations exactly one reserves; the rest see its ticket (or
+        its reservation while the ticket is written). Counts against the session's client address.
+        """
+        status, value = await self._claim_ticket(
+            keys=[self._session_key(session_id)],
+            args=[
+                ticket_id,
+                int(time.time() * 1000),
+                f"{PREFIX}:ticket:",
+                pending_ms,
+                self.tickets_per_client_per_hour,
+                f"{PREFIX}:ratelimit:tickets:",
+            ],
+        )
+        found = value.decode() if isinstance(value, bytes) else str(value)
+        return {1: "new", 0: "exists", 2: "limited"}.get(int(status), "gone"), found or None
+
+    async def contact_changed(self, ticket_id: str, email: str) -> bool:
+        """Whether `email` is new for this ticket (atomic: of concurrent identical requests one gets True).
+
+        Only a digest of the address is kept, for the session's lifetime.
+        """
+        digest = hashlib.sha256(email.strip().lower().encode()).hexdigest()
+        previous = await self.redis.set(f"{PREFIX}:ticketcontact:{ticket_id}", digest, ex=self.ttl_seconds, get=True)
+        return previous is None or previous.decode() != digest
+
+    async def open_ticket_id(self, session_id: str) -> str | None:
+        """The session's open ticket (or one being written), if any."""
+        ticket_id = await self.redis.hget(self._session_key(session_id), "ticketId")
+        if ticket_id is None:
+            return None
+        ticket = await self.ticket(ticket_id.decode())
+        return ticket_id.decode() if ticket is None or ticket.get("status") == "open" else None
 
     async def session_ticket_ids(self, session_id: str) -> list[str]:
         """Tickets opened for a session."""
@@ -863,17 +1121,67 @@ class SessionManager:
         return max(0.001, int(ttl_ms) / 1000)
 
     # Privacy ------------------------------------------------------------------------------
-    async def rotate_token_if_idle(self, session_id: str, idle_seconds: float) -> str | None:
-        """A new token when the session was idle that long (the old one stops working); else None."""
-        last = await self.redis.zscore(self._ACTIVE_KEY, session_id)
-        if last is None or time.time() * 1000 - float(last) < idle_seconds * 1000:
+    @staticmethod
+    def _feedback_key(session_id: str) -> str:
+        return f"{PREFIX}:feedback:{{{session_id}}}"
+
+    @staticmethod
+    def _retired_tokens_key(session_id: str) -> str:
+        return f"{PREFIX}:retiredtokens:{{{session_id}}}"
+
+    def rotate_after(self, idle_seconds: float | None) -> float:
+        """TOKEN_ROTATE_AFTER, or half the session's lifetime when unset (a longer idle spell ends the session)."""
+        return idle_seconds if idle_seconds is not None else self.ttl_seconds / 2
+
+    async def rotate_token_if_idle(self, session_id: str, token: str, idle_seconds: float | None) -> str | None:
+        """A new token when the session was idle that long (the presented one is retired); else None.
+
+        Only the live token rotates: a holder of the same token who comes second is refused (`unauthorized`),
+        and presenting the retired token again after TOKEN_REUSE_GRACE revokes every token of the session.
+        """
+        now_ms = int(time.time() * 1000)
+        new_token = secrets.token_urlsafe(32)
+        status = await self._rotate_token(
+            keys=[self._session_key(session_id), self._retired_tokens_key(session_id), self._ACTIVE_KEY],
+            args=[
+                _hash_token(token),
+                _hash_token(new_token),
+                now_ms,
+                now_ms - int(self.rotate_after(idle_seconds) * 1000),
+                now_ms + int(self.token_reuse_grace * 1000),
+                self.ttl_seconds,
+                session_id,
+            ],
+        )
+        if status in (-1, -2):
+            self._verified.pop(session_id, None)
+            raise unauthorized()
+        if status != 1:
             return None
-        token = secrets.token_urlsafe(32)
-        await self.redis.hset(self._session_key(session_id), "tokenHash", _hash_token(token))
         known = self._verified.get(session_id)
         if known is not None:
-            self._remember(known[1], _hash_token(token))
-        return token
+            self._remember(known[1], _hash_token(new_token))
+        logger.info("session {}: token rotated after an idle spell", session_id)
+        return new_token
+
+    async def _check_token_reuse(self, session_id: str, presented: str) -> None:
+        """A wrong token for an existing session: if it is a retired one, past its grace, revoke the session's tokens."""
+        status = await self._token_reuse(
+            keys=[self._session_key(session_id), self._retired_tokens_key(session_id)],
+            args=[presented, int(time.time() * 1000), self.ttl_seconds],
+        )
+        if status == 2:
+            logger.warning("session {}: a rotated token was presented again; every token of the session revoked", session_id)
+        elif status == 3:
+            logger.warning("session {}: a token of a revoked session was presented", session_id)
+
+    async def drop_expired_handoffs(self, look_at: int = 200) -> list[str]:
+        """Queue and agent-hold entries whose session expired, removed (among the oldest `look_at` of each)."""
+        removed = await self._drop_expired_handoffs(
+            keys=[self._QUEUE_KEY, self._QUEUE_ENTRIES_KEY, self._AGENT_ACTIVITY_KEY, self._LEASES_KEY],
+            args=[f"{PREFIX}:session:{{", "}", look_at],
+        )
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in removed]
 
     async def export(self, session_id: str) -> dict[str, Any]:
         """Everything kept about a session, for the person it belongs to."""
@@ -889,11 +1197,18 @@ class SessionManager:
                 "expiresAt": session.expires_at,
                 "state": session.state,
                 "metadata": session.metadata,
+                "clientIp": session.client_ip,
             },
             "messages": await self.transcript(session_id),
             "escalations": await self.escalations(session_id),
+            "feedback": await self.feedback_given(session_id),
             "tickets": tickets,
         }
+
+    async def feedback_given(self, session_id: str) -> list[dict[str, Any]]:
+        """The ratings and comments given in a session, oldest first."""
+        entries = [orjson.loads(item) for item in await self.redis.hvals(self._feedback_key(session_id))]
+        return sorted(({k: v for k, v in e.items() if k != "day"} for e in entries), key=lambda e: e.get("createdAt", ""))
 
     async def delete(self, session_id: str) -> None:
         """Forget a session: record, history, idempotency keys, queue entry; tickets keep no transcript."""
@@ -904,11 +1219,14 @@ class SessionManager:
             if ticket is not None:
                 ticket.update(transcript=[], summary=None, contact=None, sessionDeleted=True)
                 await self.redis.set(self._ticket_key(ticket_id), orjson.dumps(ticket))
+            await self.redis.delete(f"{PREFIX}:ticketcontact:{ticket_id}")  # the contact's digest (contact_changed)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(
                 *self._keys(session_id),
                 self._session_tickets_key(session_id),
                 f"{PREFIX}:ratelimit:messages:{session_id}",  # RateLimits.check_message's counter
+                f"{PREFIX}:ratelimit:events:{session_id}",  # RateLimits' client-event counter
+                f"{PREFIX}:lock:{{{session_id}}}",
             )
             pipe.zrem(self._ACTIVE_KEY, session_id)
             pipe.zrem(self._QUEUE_KEY, session_id)
@@ -979,25 +1297,16 @@ class SessionManager:
 
     async def record_feedback(self, session_id: str, message_id: str, rating: str, comment: str | None) -> dict[str, Any]:
         """Keep one rating per reply (a new one replaces it) and count it for the day it was given."""
-        position = await self.redis.hget(self._index_key(session_id), message_id)
-        message = None
-        if position is not None:
-            raw = await self.redis.lindex(self._history_key(session_id), int(position))
-            message = orjson.loads(raw) if raw else None
+        _, _, raw = await self._around(session_id, message_id, 0, 0)  # trim-aware position
+        message = orjson.loads(raw[0]) if raw else None
         if message is None or message.get("role") != "assistant":
             raise ApiError("not_found", "No such reply in this session.")
-        feedback_key = f"{PREFIX}:feedback:{{{session_id}}}"
+        day = utc_day()
         entry = {"messageId": message_id, "rating": rating, "comment": comment, "createdAt": now_iso()}
-        previous = await self.redis.hget(feedback_key, message_id)
-        key = self._analytics_key(utc_day())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(feedback_key, message_id, orjson.dumps(entry))
-            pipe.expire(feedback_key, self.ttl_seconds)
-            if previous is not None:
-                pipe.hincrby(key, f"feedback:{orjson.loads(previous)['rating']}", -1)
-            pipe.hincrby(key, f"feedback:{rating}", 1)
-            pipe.expire(key, 40 * 86400)
-            await pipe.execute()
+        await self._record_feedback(
+            keys=[self._feedback_key(session_id), self._analytics_key(day)],
+            args=[message_id, orjson.dumps(entry | {"day": day}), rating, self.ttl_seconds, self._analytics_key("")],
+        )
         return entry
 
     async def analytics(self, days: int = 30) -> list[dict[str, Any]]:

@@ -84,6 +84,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     cors_origins: tuple[str, ...] = ()
+    csp_connect_src: tuple[str, ...] = ()  # origins the pages may connect to besides their own (CSP connect-src)
     stream_flush_ms: int = 40
     stream_flush_chars: int = 64
     store_name: str = "Northwind Goods"
@@ -94,8 +95,14 @@ class Settings:
     ws_compression: bool = False
     max_body_bytes: int = 64 * 1024
     socket_max_packet_bytes: int = 1_000_000
+    socket_connect_timeout: float = 45.0
+    request_read_timeout: float = 30.0
+    http_keepalive_timeout: float = 75.0
     metadata_max_bytes: int = 4096
     agent_api_keys: tuple[tuple[str, Secret], ...] = ()
+    agent_auth_failures_per_minute: int = 10
+    agent_auth_lockout: float = 300.0
+    agent_auth_global_failures_per_minute: int = 100
     handoff_message: str = (
         "I'm bringing in a member of our support team. They'll see everything we've discussed, "
         "so you won't need to repeat yourself. You can keep writing meanwhile."
@@ -107,11 +114,23 @@ class Settings:
     rate_limit_sessions_per_minute: int = 300
     rate_limit_messages_per_minute: int = 600
     rate_limit_connections_per_minute: int = 1000
+    rate_limit_events_per_minute: int = 30
+    max_pending_per_session: int = 20
+    max_pending_per_client: int = 50
+    max_history_per_session: int = 2000
+    tickets_per_client_per_hour: int = 5
     trusted_proxies: tuple[str, ...] = ()
-    token_rotate_after: float = 3600.0
+    # Seconds idle after which a rejoin or REST call gets a new token; None: half of SESSION_TIMEOUT.
+    token_rotate_after: float | None = None
+    # Seconds a just-rotated token is refused without revoking its session's tokens (a client's own requests in flight).
+    token_reuse_grace: float = 5.0
     log_message_content: bool = True
     token_budget_per_session: int = 200_000
     token_budget_per_day: int = 5_000_000
+    token_budget_per_visitor: int = 250_000
+    token_budget_per_ip: int = 1_000_000
+    token_budget_degrade_at: float = 0.8
+    max_prompt_tokens: int = 3000
     write_behind_capacity: int = 10_000
     metrics_token: Secret = field(default_factory=lambda: Secret(None))
 
@@ -177,6 +196,7 @@ class Settings:
             log_level=env.str("LOG_LEVEL", defaults.log_level).upper(),
             log_format=env.str("LOG_FORMAT", defaults.log_format).lower(),
             cors_origins=tuple(o.strip() for o in env.list("CORS_ORIGINS", []) if o.strip()),
+            csp_connect_src=tuple(o.strip() for o in env.list("CSP_CONNECT_SRC", []) if o.strip()),
             stream_flush_ms=env.int("STREAM_FLUSH_MS", defaults.stream_flush_ms),
             stream_flush_chars=env.int("STREAM_FLUSH_CHARS", defaults.stream_flush_chars),
             store_name=env.str("STORE_NAME", defaults.store_name),
@@ -186,7 +206,17 @@ class Settings:
             knowledge_in_prompt=env.int("KNOWLEDGE_IN_PROMPT", defaults.knowledge_in_prompt),
             ws_compression=env.bool("WS_COMPRESSION", defaults.ws_compression),
             socket_max_packet_bytes=env.int("SOCKET_MAX_PACKET_BYTES", defaults.socket_max_packet_bytes),
+            socket_connect_timeout=env.float("SOCKET_CONNECT_TIMEOUT", defaults.socket_connect_timeout),
+            request_read_timeout=env.float("REQUEST_READ_TIMEOUT", defaults.request_read_timeout),
+            http_keepalive_timeout=env.float("HTTP_KEEPALIVE_TIMEOUT", defaults.http_keepalive_timeout),
             agent_api_keys=parse_agent_keys(env.str("AGENT_API_KEYS", "")),
+            agent_auth_failures_per_minute=env.int(
+                "AGENT_AUTH_FAILURES_PER_MINUTE", defaults.agent_auth_failures_per_minute
+            ),
+            agent_auth_lockout=env.float("AGENT_AUTH_LOCKOUT", defaults.agent_auth_lockout),
+            agent_auth_global_failures_per_minute=env.int(
+                "AGENT_AUTH_GLOBAL_FAILURES_PER_MINUTE", defaults.agent_auth_global_failures_per_minute
+            ),
             handoff_message=env.str("HANDOFF_MESSAGE", defaults.handoff_message),
             agent_wait_timeout=env.float("AGENT_WAIT_TIMEOUT", defaults.agent_wait_timeout),
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
@@ -201,24 +231,84 @@ class Settings:
             rate_limit_connections_per_minute=env.int(
                 "RATE_LIMIT_CONNECTIONS_PER_MINUTE", defaults.rate_limit_connections_per_minute
             ),
+            rate_limit_events_per_minute=env.int("RATE_LIMIT_EVENTS_PER_MINUTE", defaults.rate_limit_events_per_minute),
+            max_pending_per_session=env.int("MAX_PENDING_PER_SESSION", defaults.max_pending_per_session),
+            max_pending_per_client=env.int("MAX_PENDING_PER_CLIENT", defaults.max_pending_per_client),
+            max_history_per_session=env.int("MAX_HISTORY_PER_SESSION", defaults.max_history_per_session),
+            tickets_per_client_per_hour=env.int("TICKETS_PER_CLIENT_PER_HOUR", defaults.tickets_per_client_per_hour),
             trusted_proxies=tuple(p.strip() for p in env.list("TRUSTED_PROXIES", []) if p.strip()),
             token_rotate_after=env.float("TOKEN_ROTATE_AFTER", defaults.token_rotate_after),
+            token_reuse_grace=env.float("TOKEN_REUSE_GRACE", defaults.token_reuse_grace),
             log_message_content=env.bool("LOG_MESSAGE_CONTENT", defaults.log_message_content),
             token_budget_per_session=env.int("TOKEN_BUDGET_PER_SESSION", defaults.token_budget_per_session),
             token_budget_per_day=env.int("TOKEN_BUDGET_PER_DAY", defaults.token_budget_per_day),
+            token_budget_per_visitor=env.int("TOKEN_BUDGET_PER_VISITOR", defaults.token_budget_per_visitor),
+            token_budget_per_ip=env.int("TOKEN_BUDGET_PER_IP", defaults.token_budget_per_ip),
+            token_budget_degrade_at=env.float("TOKEN_BUDGET_DEGRADE_AT", defaults.token_budget_degrade_at),
+            max_prompt_tokens=env.int("MAX_PROMPT_TOKENS", defaults.max_prompt_tokens),
             write_behind_capacity=env.int("WRITE_BEHIND_CAPACITY", defaults.write_behind_capacity),
             metrics_token=Secret(env.str("METRICS_TOKEN", None)),
         )
 
 
 def parse_agent_keys(raw: str) -> tuple[tuple[str, Secret], ...]:
-    """`name:key,name:key` from AGENT_API_KEYS; entries without both parts are ignored."""
+    """`name:key,name:key` from AGENT_API_KEYS; entries without both parts are ignored, weak keys refused."""
     pairs: list[tuple[str, Secret]] = []
     for item in raw.split(","):
         name, _, key = item.strip().partition(":")
         if name.strip() and key.strip():
             pairs.append((name.strip(), Secret(key.strip())))
+    check_agent_keys(tuple(pairs))
     return tuple(pairs)
+
+
+class WeakAgentKeyError(ValueError):
+    """An agent key that could be guessed: the server refuses to start with it."""
+
+
+AGENT_KEY_MIN_LENGTH = 16
+AGENT_KEY_MIN_DISTINCT = 8
+# Fragments that make a key predictable however long it is (checked case-insensitively).
+_WEAK_FRAGMENTS = ("password", "changeme", "letmein", "qwerty", "123456", "abcdef", "secret", "example")
+
+
+def weak_key_reason(key: str) -> str | None:
+    """Why a key is too weak to guard the agent API, or None: length, variety, repetition, known fragments."""
+    if len(key) < AGENT_KEY_MIN_LENGTH:
+        return f"it has {len(key)} characters; at least {AGENT_KEY_MIN_LENGTH} are required"
+    classes = sum(
+        (
+            any(c.islower() for c in key),
+            any(c.isupper() for c in key),
+            any(c.isdigit() for c in key),
+            any(not c.isalnum() for c in key),
+        )
+    )
+    if classes < 2:
+        return "it uses only one kind of character (mix letters with digits or symbols)"
+    if len(set(key)) < AGENT_KEY_MIN_DISTINCT:
+        return f"it repeats a few characters (at least {AGENT_KEY_MIN_DISTINCT} different ones are required)"
+    lowered = key.lower()
+    for fragment in _WEAK_FRAGMENTS:
+        if fragment in lowered:
+            return f"it contains the guessable word {fragment!r}"
+    return None
+
+
+def check_agent_keys(keys: tuple[tuple[str, Secret], ...]) -> None:
+    """Refuse to start with a weak or shared agent key; the message names the agent, never the key."""
+    seen: dict[str, str] = {}
+    for name, secret in keys:
+        key = secret.reveal() or ""
+        reason = weak_key_reason(key)
+        if reason is not None:
+            raise WeakAgentKeyError(
+                f"AGENT_API_KEYS: the key of agent {name!r} is too weak: {reason}. "
+                "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
+        if key in seen:
+            raise WeakAgentKeyError(f"AGENT_API_KEYS: agents {seen[key]!r} and {name!r} share one key; give each its own.")
+        seen[key] = name
 
 
 def _redis_url_from_parts(env: Env) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -88,7 +89,8 @@ class CustomerEvents:
         handoff: HandoffService,
         limits: RateLimits,
         provider_names: Callable[[], list[str]],
-        token_rotate_after: float = 3600.0,
+        token_rotate_after: float | None = None,
+        max_pending_per_client: int = 0,
     ) -> None:
         self.sio = sio
         self.schemas = schemas
@@ -99,6 +101,9 @@ class CustomerEvents:
         self.token_rotate_after = token_rotate_after
         self.provider_names = provider_names
         self.connected = 0
+        self.max_pending_per_client = max_pending_per_client  # messages not yet stored, per client IP (0: no limit)
+        self._socket_ips: dict[str, str] = {}  # connected socket -> client IP (read without awaiting)
+        self._pending = Counter[str]()  # client IP -> its messages waiting to be stored, in this process
 
     def register(self) -> None:
         """Attach every handler to the server."""
@@ -120,17 +125,32 @@ class CustomerEvents:
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         request = environ.get("aiohttp.request")
         ip = self.limits.client_ip(getattr(request, "remote", None), environ.get("HTTP_X_FORWARDED_FOR"))
-        try:
-            await self.limits.check_connection(ip)
-        except ApiError as err:
-            raise socketio.exceptions.ConnectionRefusedError(
-                {**err.to_dict(), "retryAfter": err.retry_after}
-            ) from None
+        # The per-IP connection limit is counted at the Engine.IO handshake (server/transport_guard.py).
         self.connected += 1
+        self._socket_ips[sid] = ip
         await self.sio.save_session(sid, {"sessions": set(), "ip": ip})
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         self.connected -= 1
+        self._socket_ips.pop(sid, None)
+
+    def _listened(self, sid: str, session_id: str) -> Callable[[], bool]:
+        """Whether a queued message can still reach anyone: its socket, or another socket in its session's room.
+
+        Local to this process: a socket of the session connected to another process does not count.
+        """
+
+        def receivable() -> bool:
+            if sid in self._socket_ips:
+                return True
+            return next(iter(self.sio.manager.get_participants("/", session_id)), None) is not None
+
+        return receivable
+
+    async def _event_allowed(self, sid: str, session_id: str) -> None:
+        """A joined socket, within RATE_LIMIT_EVENTS_PER_MINUTE for its session."""
+        await self._joined(sid, session_id)
+        await self.limits.check_event(session_id)
 
     async def _joined(self, sid: str, session_id: str) -> None:
         """Only sockets that joined a session with its token may act on it."""
@@ -142,10 +162,12 @@ class CustomerEvents:
         data = load(self.schemas.join_chat, payload)
         if "sessionId" in data:
             session = await self.sessions.authenticate(data["sessionId"], data["token"])
+            await self.limits.check_event(session.id)
             token = await self.chat.rejoined(session.id, data["token"], self.token_rotate_after)
         else:
-            await self.limits.check_session_creation((await self.sio.get_session(sid)).get("ip", "unknown"))
-            session, token = await self.sessions.create(data["userId"], data["metadata"])
+            ip = (await self.sio.get_session(sid)).get("ip", "unknown")
+            await self.limits.check_session_creation(ip)
+            session, token = await self.sessions.create(data["userId"], data["metadata"], client_ip=ip)
         await self.sio.enter_room(sid, session.id)
         async with self.sio.session(sid) as socket_session:
             socket_session.setdefault("sessions", set()).add(session.id)
@@ -174,25 +196,44 @@ class CustomerEvents:
             await self._joined(sid, session_id)
             await self.limits.check_message(session_id)
 
+        ip = self._socket_ips.get(sid, "unknown")
+        if 0 < self.max_pending_per_client <= self._pending[ip]:
+            raise ApiError(
+                "rate_limited",
+                "Too many of your messages are waiting; wait for the replies, then send again.",
+                retry_after=2,
+            )
         # Nothing is awaited before submit takes the message's place in the session's queue: a socket's events
         # run as separate tasks, so arrival order is kept only if the place is taken on arrival.
-        stored, _ = await self.chat.submit(session_id, data["message"], data.get("clientMessageId"), admit=admit)
+        self._pending[ip] += 1
+        try:
+            stored, _ = await self.chat.submit(
+                session_id,
+                data["message"],
+                data.get("clientMessageId"),
+                admit=admit,
+                receivable=self._listened(sid, session_id),
+            )
+        finally:
+            self._pending[ip] -= 1
+            if self._pending[ip] <= 0:
+                del self._pending[ip]
         return {"messageId": stored["id"]}
 
     async def escalate(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.escalate, payload)
-        await self._joined(sid, data["sessionId"])
-        await self.chat.escalate(data["sessionId"], data.get("reason"))
-        return {}
+        await self._event_allowed(sid, data["sessionId"])
+        escalation = await self.chat.escalate(data["sessionId"], data.get("reason"))
+        return {"state": escalation["state"]} if escalation.get("alreadyEscalated") else {}
 
     async def stop_generation(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.session_ref, payload)
-        await self._joined(sid, data["sessionId"])
+        await self._event_allowed(sid, data["sessionId"])
         return {"stopped": self.chat.stop(data["sessionId"])}
 
     async def provide_contact(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.provide_contact, payload)
-        await self._joined(sid, data["sessionId"])
+        await self._event_allowed(sid, data["sessionId"])
         ticket = await self.handoff.provide_contact(data["sessionId"], data["email"])
         return {"ticketId": ticket["id"]}
 
@@ -202,6 +243,6 @@ class CustomerEvents:
 
     async def feedback(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.feedback, payload)
-        await self._joined(sid, data["sessionId"])
+        await self._event_allowed(sid, data["sessionId"])
         await self.sessions.record_feedback(data["sessionId"], data["messageId"], data["rating"], data["comment"])
         return {}

@@ -228,7 +228,12 @@ class ProviderDouble:
                         "created": created,
                         "model": model,
                         "choices": [],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens), "total_tokens": 10 + len(tokens)},
+                        "usage": {
+                            # a `prompt_tokens` option sends any JSON value there (a malformed answer)
+                            "prompt_tokens": mode.options.get("prompt_tokens", 10),
+                            "completion_tokens": len(tokens),
+                            "total_tokens": 10 + len(tokens),
+                        },
                     }
                 )
             )
@@ -260,7 +265,11 @@ class ProviderDouble:
         tokens = [] if mode.name == "empty" else self._tokens(mode, prompt)
         logprob = self._logprob(mode)
         model = request.match_info["model"]
-        usage = {"promptTokenCount": 10, "candidatesTokenCount": len(tokens), "totalTokenCount": 10 + len(tokens)}
+        usage = {
+            "promptTokenCount": mode.options.get("prompt_tokens", 10),  # any JSON value: a malformed answer
+            "candidatesTokenCount": len(tokens),
+            "totalTokenCount": 10 + len(tokens),
+        }
 
         def response(text: str, finish: bool) -> dict[str, Any]:
             candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}

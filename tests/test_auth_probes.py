@@ -12,12 +12,15 @@ import socketio
 from server.settings import Secret
 from tests.conftest import joined_client
 
-AGENT_KEY = "probe-agent-key"
+AGENT_KEY = "probe-agent-key-5150-97ce"
 
 
 @pytest.fixture
 async def probe_server(start_server):
-    return await start_server(agent_api_keys=(("pat", Secret(AGENT_KEY)),), session_timeout_ms=2000)
+    # These probes present many wrong agent keys on purpose; the sign-in lockout has its own tests (test_agent_auth).
+    return await start_server(
+        agent_api_keys=(("pat", Secret(AGENT_KEY)),), session_timeout_ms=2000, agent_auth_failures_per_minute=0
+    )
 
 
 async def request(method: str, url: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:

@@ -109,10 +109,10 @@ async def test_page_resumes_after_a_network_drop_without_duplicates(browser, ser
 
 
 async def test_agent_console_and_customer_page_together(browser, start_server, double) -> None:
-    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123")),))
+    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123-4567-89ab")),))
     agent = await (await browser.new_context()).new_page()
     await agent.goto(server.url + "/agent")
-    await agent.fill("#agent-key", "alex-key-123")
+    await agent.fill("#agent-key", "alex-key-123-4567-89ab")
     await agent.click("#sign-in")
     await expect(agent.locator("#agent-status")).to_have_attribute("data-state", "connected", timeout=15000)
 
@@ -151,7 +151,7 @@ async def test_agent_console_survives_a_server_restart(browser, redis_url: str, 
         "OPENAI_BASE_URL": double.openai_base_url,
         "GEMINI_API_KEY": "g-test",
         "GEMINI_BASE_URL": double.gemini_base_url,
-        "AGENT_API_KEYS": "alex:alex-key-123",
+        "AGENT_API_KEYS": "alex:alex-key-123-4567-89ab",
         "SHUTDOWN_GRACE": "1",
     })
     try:
@@ -160,7 +160,7 @@ async def test_agent_console_survives_a_server_restart(browser, redis_url: str, 
         errors: list[str] = []
         agent.on("pageerror", lambda exc: errors.append(str(exc)))
         await agent.goto(server.url + "/agent")
-        await agent.fill("#agent-key", "alex-key-123")
+        await agent.fill("#agent-key", "alex-key-123-4567-89ab")
         await agent.click("#sign-in")
         status = agent.locator("#agent-status")
         await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
@@ -169,7 +169,7 @@ async def test_agent_console_survives_a_server_restart(browser, redis_url: str, 
         await server.stop()  # a graceful restart (SIGTERM), as a deploy does
         await expect(status).to_have_attribute("data-state", "reconnecting", timeout=10000)
         await expect(status).to_contain_text("Reconnecting")
-        assert await stored_agent_key(agent) == "alex-key-123"
+        assert await stored_agent_key(agent) == "alex-key-123-4567-89ab"
         await expect(agent.locator("#sign-out")).to_be_visible()
 
         await server.start()  # the same port
@@ -189,14 +189,14 @@ async def test_agent_console_survives_a_server_restart(browser, redis_url: str, 
         await agent.goto(server.url + "/agent")
         await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
         await expect(agent.locator("#queue .queue-entry").first).to_contain_text("back after restart", timeout=10000)
-        assert await stored_agent_key(agent) == "alex-key-123"
+        assert await stored_agent_key(agent) == "alex-key-123-4567-89ab"
         assert errors == []
     finally:
         await server.stop(signal.SIGKILL)  # a graceful stop would wait for the console's socket
 
 
 async def test_agent_console_refuses_and_forgets_a_wrong_key(browser, start_server) -> None:
-    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123")),))
+    server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123-4567-89ab")),))
     agent = await (await browser.new_context()).new_page()
     await agent.goto(server.url + "/agent")
     status = agent.locator("#agent-status")
@@ -216,16 +216,16 @@ async def test_agent_console_refuses_and_forgets_a_wrong_key(browser, start_serv
     assert await stored_agent_key(agent) is None
     assert await agent.evaluate("window.agentConsole.socket.active") is False
 
-    await agent.fill("#agent-key", "alex-key-123")
+    await agent.fill("#agent-key", "alex-key-123-4567-89ab")
     await agent.click("#sign-in")
     await expect(status).to_have_attribute("data-state", "connected", timeout=15000)
-    assert await stored_agent_key(agent) == "alex-key-123"
+    assert await stored_agent_key(agent) == "alex-key-123-4567-89ab"
 
 
 async def test_dashboard_draws_the_analytics(browser, start_server, connect, double) -> None:
     from tests.conftest import joined_client
 
-    server = await start_server(agent_api_keys=(("ana", Secret("ana-key")),))
+    server = await start_server(agent_api_keys=(("ana", Secret("ana-key-2468-ace0-1357")),))
     client, session_id, _ = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
     await client.reply_to(sent["messageId"])
@@ -234,7 +234,7 @@ async def test_dashboard_draws_the_analytics(browser, start_server, connect, dou
     await page.fill("#agent-key", "wrong")
     await page.click("#dash-load")
     await expect(page.locator("#dash-status")).to_have_text("Key refused")
-    await page.fill("#agent-key", "ana-key")
+    await page.fill("#agent-key", "ana-key-2468-ace0-1357")
     await page.click("#dash-load")
     await expect(page.locator("#dash-status")).to_have_text("Signed in")
     await expect(page.locator(".chart")).to_have_count(8)

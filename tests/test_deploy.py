@@ -178,6 +178,7 @@ async def new_session(http: aiohttp.ClientSession, url: str, visitor: str, user:
 
 async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deployment: Deployment, redis_url: str) -> None:
     limit = Settings().rate_limit_sessions_per_minute  # the Procfile leaves the limit at its default
+    before = [rss_mb(process) for process in deployment.web]
     gate = asyncio.Semaphore(16)
     async with aiohttp.ClientSession() as http:
 
@@ -192,6 +193,8 @@ async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deploy
         assert status == 429 and body["error"]["code"] == "rate_limited", body
         status, body = await new_session(http, deployment.url, VISITOR_B, "b")
         assert status == 201 and body["sessionId"], body
+    grown = [rss_mb(process) - mb for process, mb in zip(deployment.web, before, strict=True)]
+    assert max(grown) < 30, f"server RSS grew by {grown} MB over {limit} sessions"  # measured: a few MB
         # A visitor cannot move to another address by writing its own X-Forwarded-For: nginx appends the peer,
         # and the process only skips hops it trusts. Here the peer is 127.0.0.1, so the test's header decides;
         # in production the peer is the visitor's own public address.
@@ -208,6 +211,15 @@ async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deploy
     for visitor in (VISITOR_A, VISITOR_B, visitor_c):
         assert any(visitor in key for key in keys), (visitor, keys)
     assert not [key for key in keys if "127.0.0.1" in key], "a limit keyed on nginx's address"
+
+
+def rss_mb(process: ServerProcess) -> float:
+    """The resident memory of a server process, in MB (from /proc)."""
+    assert process.process is not None
+    for line in Path(f"/proc/{process.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 async def chat_once(client: Recorder, user: str) -> dict[str, Any]:

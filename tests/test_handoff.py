@@ -11,7 +11,7 @@ import socketio
 from server.settings import Secret
 from tests.conftest import Recorder, joined_client
 
-AGENT_KEYS = ((("alex", Secret("alex-key-123")), ("sam", Secret("sam-key-456"))))
+AGENT_KEYS = ((("alex", Secret("alex-key-123-4567-89ab")), ("sam", Secret("sam-key-456-7890-cdef"))))
 
 
 async def agent_client(url: str, key: str) -> Recorder:
@@ -33,7 +33,7 @@ async def handoff_server(start_server):
 async def agents():
     opened: list[Recorder] = []
 
-    async def open_agent(url: str, key: str = "alex-key-123") -> Recorder:
+    async def open_agent(url: str, key: str = "alex-key-123-4567-89ab") -> Recorder:
         agent = await agent_client(url, key)
         opened.append(agent)
         return agent
@@ -97,8 +97,8 @@ async def test_full_handoff_round_trip(handoff_server, connect, agents, double) 
 
 
 async def test_two_agents_claiming_at_once_exactly_one_wins(handoff_server, connect, agents) -> None:
-    alex = await agents(handoff_server.url, "alex-key-123")
-    sam = await agents(handoff_server.url, "sam-key-456")
+    alex = await agents(handoff_server.url, "alex-key-123-4567-89ab")
+    sam = await agents(handoff_server.url, "sam-key-456-7890-cdef")
     customer, session_id, _ = await joined_client(connect, handoff_server.url)
     await customer.call("escalate", {"sessionId": session_id})
     await alex.wait_for("queue-updated", lambda d: len(d["queue"]) == 1)
@@ -148,7 +148,7 @@ async def test_no_agent_online_asks_for_contact_and_creates_ticket(handoff_serve
     note = await customer.wait_for("message-received", lambda d: "jo@example.com" in d["message"]["content"])
     assert note[0]["message"]["role"] == "system"
 
-    headers = {"Authorization": "Bearer alex-key-123"}
+    headers = {"Authorization": "Bearer alex-key-123-4567-89ab"}
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{handoff_server.url}/api/v1/tickets", headers=headers) as r:
             listing = await r.json()

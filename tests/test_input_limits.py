@@ -16,7 +16,7 @@ from server.keys import SIO
 from server.settings import Secret
 from tests.conftest import RunningServer, ServerFactory, joined_client
 
-AGENT_KEY = "agent-key-for-input-tests"
+AGENT_KEY = "agent-key-for-input-tests-2718"
 
 # Raw JSON texts every parser must refuse without falling over (the list, verbatim where it gives one).
 DEEP_ARRAY = "[" * 3000 + "]" * 3000

@@ -59,7 +59,7 @@ async def test_metrics_token_and_health_probes(start_server) -> None:
 
 
 async def test_feedback_and_analytics(start_server, connect, double) -> None:
-    server = await start_server(agent_api_keys=(("ana", Secret("ana-key")),))
+    server = await start_server(agent_api_keys=(("ana", Secret("ana-key-2468-ace0-1357")),))
     client, session_id, token = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "hello"})
     reply = (await client.reply_to(sent["messageId"]))["message"]
@@ -79,7 +79,7 @@ async def test_feedback_and_analytics(start_server, connect, double) -> None:
         await second.call("escalate", {"sessionId": other_id})
         await second.wait_for("escalation-needed")
         assert (await get(f"{server.url}/api/v1/analytics", token))[0] == 401
-        status, text = await get(f"{server.url}/api/v1/analytics", "ana-key")
+        status, text = await get(f"{server.url}/api/v1/analytics", "ana-key-2468-ace0-1357")
     assert status == 200
     import json
 

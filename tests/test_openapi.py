@@ -30,7 +30,7 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(pro
         "REDIS_URL": redis_url,
         "SOCKETIO_MANAGER": "memory",
         "AI_PROVIDERS": "local",
-        "AGENT_API_KEYS": "schema:schema-agent-key",
+        "AGENT_API_KEYS": "schema:schema-agent-key-3141-59ab",
         "RATE_LIMIT_SESSIONS_PER_MINUTE": "0",
         "RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
     }
@@ -40,7 +40,7 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(pro
         str(st), "run", f"{server.url}/api/v1/openapi.json",
         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         "--max-examples", "25", "--seed", "1", "--request-timeout", "10", "--no-color",
-        "-H", "Authorization: Bearer schema-agent-key",
+        "-H", "Authorization: Bearer schema-agent-key-3141-59ab",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(process.communicate(), 300)

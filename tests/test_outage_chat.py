@@ -399,7 +399,7 @@ async def test_an_escalation_during_an_outage_is_queued_when_redis_returns(
     start_server: ServerFactory, connect: Connect, redis_store: RedisProcess, http: aiohttp.ClientSession, how: str
 ) -> None:
     server = await start_server(redis_url=redis_store.url, agent_api_keys=AGENT_KEYS, agent_wait_timeout=60.0)
-    agent = await agent_client(server.url, "alex-key-123")
+    agent = await agent_client(server.url, "alex-key-123-4567-89ab")
     try:
         customer, session_id, _ = await joined_client(connect, server.url, "wants-a-person")
         sent = await customer.call("send-message", {"sessionId": session_id, "message": "Where is my parcel?"})

@@ -64,7 +64,7 @@ def cluster_env(redis_url: str, double) -> dict[str, str]:
         "OPENAI_BASE_URL": double.openai_base_url,
         "GEMINI_API_KEY": "g-test",
         "GEMINI_BASE_URL": double.gemini_base_url,
-        "AGENT_API_KEYS": "alex:alex-key-123",
+        "AGENT_API_KEYS": "alex:alex-key-123-4567-89ab",
         "AI_REQUEST_TIMEOUT": "5",
     }
 
@@ -76,7 +76,7 @@ async def test_customer_on_one_process_agent_on_another(processes, cluster_env, 
     _, health_b = await rest("GET", f"{b.url}/api/v1/health")
     assert health_a["instanceId"] != health_b["instanceId"]
 
-    agent = await agent_client(b.url, "alex-key-123")
+    agent = await agent_client(b.url, "alex-key-123-4567-89ab")
     try:
         customer: Recorder = await connect(a.url)
         joined = await customer.call("join-chat", {"userId": "across"})

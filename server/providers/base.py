@@ -88,8 +88,37 @@ class AIProvider(ABC):
         """Release network clients; providers without any keep the default."""
 
 
+# A log-probability is at most 0; a little above it is float noise, anything more a malformed answer.
+_LOGPROB_SLACK = 1e-3
+# More tokens than any model reads or writes in one call: a count above it is a malformed answer.
+MAX_TOKEN_COUNT = 10_000_000
+
+
 def confidence_from_logprobs(logprobs: Sequence[float]) -> float | None:
-    """exp(mean token logprob), the contract's confidence; None when there is no signal."""
+    """exp(mean token logprob), the contract's confidence; None when there is no signal.
+
+    A logprob that is not a finite number at most 0 makes the answer malformed: ProviderError, so the chain
+    fails over instead of an OverflowError escaping the provider.
+    """
     if not logprobs:
         return None
-    return min(1.0, max(0.0, math.exp(sum(logprobs) / len(logprobs))))
+    try:
+        values = [float(value) for value in logprobs]
+    except (TypeError, ValueError):
+        raise ProviderError("malformed answer: logprob is not a number") from None
+    if not all(math.isfinite(value) and value <= _LOGPROB_SLACK for value in values):
+        raise ProviderError("malformed answer: logprob out of range")
+    return min(1.0, max(0.0, math.exp(min(0.0, sum(values) / len(values)))))
+
+
+def token_count(value: object) -> int:
+    """A usage figure from a provider's answer as a whole number; anything else is that provider's failure."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProviderError("malformed answer: token count is not a number")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ProviderError("malformed answer: token count is not a whole number")
+    if not 0 <= value <= MAX_TOKEN_COUNT:
+        raise ProviderError("malformed answer: token count out of range")
+    return int(value)

@@ -20,6 +20,7 @@ from server.providers.base import (
     StreamEvent,
     TextDelta,
     confidence_from_logprobs,
+    token_count,
 )
 from server.providers.errors import describe_failure, retry_after_from_headers
 
@@ -110,8 +111,8 @@ class GeminiProvider(AIProvider):
             raise ProviderError("empty answer")
         yield Finished(
             confidence=confidence_from_logprobs([avg_logprobs]) if avg_logprobs is not None else None,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
+            input_tokens=token_count(input_tokens),
+            output_tokens=token_count(output_tokens),
         )
 
     def warm_up(self) -> None:

@@ -17,6 +17,7 @@ from server.providers.base import (
     StreamEvent,
     TextDelta,
     confidence_from_logprobs,
+    token_count,
 )
 from server.providers.errors import describe_failure, retry_after_from_headers
 
@@ -128,16 +129,23 @@ class OpenAIProvider(AIProvider):
             raise ProviderError("stream ended without a finish reason")
         if not text_seen:
             raise ProviderError("empty answer")
-        usage = usage or {}
-        yield Finished(
-            confidence=confidence_from_logprobs(logprobs),
-            input_tokens=int(usage.get("prompt_tokens") or 0),
-            output_tokens=int(usage.get("completion_tokens") or 0),
-        )
+        yield _finished(logprobs, usage)
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _finished(logprobs: list[float], usage: Any) -> Finished:
+    """The end of an answer from its logprobs and usage; a malformed figure is this provider's failure."""
+    if usage is not None and not isinstance(usage, dict):
+        raise ProviderError("malformed answer: usage is not an object")
+    usage = usage or {}
+    return Finished(
+        confidence=confidence_from_logprobs(logprobs),
+        input_tokens=token_count(usage.get("prompt_tokens")),
+        output_tokens=token_count(usage.get("completion_tokens")),
+    )
 
 
 class MalformedStream(ValueError):
