@@ -110,3 +110,32 @@ async def test_pubsub_is_not_ok_when_redis_is_down_at_start(start_server, tmp_pa
     server = await start_server(redis_url=store.url)
     status, body = await get(f"{server.url}/health/ready")
     assert status == 503 and '"pubsub": "degraded"' in body, body
+
+
+async def test_readiness_under_load_before_any_visitor(redis_url, tmp_path) -> None:
+    """A load balancer polling readiness hard, before any socket: ready throughout, and memory comes back."""
+    from pathlib import Path
+
+    from tests.processes import ServerProcess
+
+    server = await ServerProcess({"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "DATA_DIR": str(tmp_path)}).start()
+
+    def rss_mb() -> float:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+    try:
+        before = rss_mb()
+        gate = asyncio.Semaphore(20)
+        async with aiohttp.ClientSession() as http:
+
+            async def probe() -> int:
+                async with gate, http.get(f"{server.url}/health/ready") as response:
+                    return response.status
+
+            for _ in range(6):  # 6 rounds of 500 probes over ~12 s (the old deadlock showed after ~10 s)
+                assert set(await asyncio.gather(*(probe() for _ in range(500)))) == {200}
+                await asyncio.sleep(2)
+        assert rss_mb() - before < 20, f"RSS grew from {before:.0f} MB to {rss_mb():.0f} MB"
+    finally:
+        await server.stop()
