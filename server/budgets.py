@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ REPLY_RESERVE_TOKENS = 800  # reserved for the answer of each paid call, until t
 COUNTER_TTL_SECONDS = 2 * 86_400  # a day's counters (and its address salt) outlive midnight by a day
 MIN_MESSAGE_BYTES = 200  # a message is never cut below this, even when the system prompt leaves no room
 SCOPES = ("day", "visitor", "ip")  # in the order of the counters charged
+OWNERS_KEPT = 20_000  # sessions whose counter names are remembered
 
 
 def estimate_tokens(text: str) -> int:
@@ -130,6 +132,9 @@ class Budgets:
         self.policy = policy
         self.metrics = metrics
         self._salt: tuple[str, str] | None = None  # (day, salt) for client-address counter names
+        # (session, day) -> (visitor, address) counter names: a session's visitor and address never change, so
+        # they are read once a day per session instead of before every paid call (a round trip in profiles).
+        self._owners: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         self.degraded = False  # as today's last check in this process found: everyone on the knowledge base
 
     def session_spent(self, session_tokens: int) -> bool:
@@ -151,12 +156,9 @@ class Budgets:
         reserve = prompt_tokens + self.policy.reply_reserve
         day = utc_day()
         try:
-            fields = await self.sessions.session_fields(session_id, "userId", "clientIp")
+            visitor, address = await self._owners_of(session_id, day)
             counters = [(self.sessions.budget_key(day), self.policy.degrade_threshold)]
-            user_id, client_ip = fields.get("userId"), fields.get("clientIp")
-            visitor = hashlib.sha256(user_id.encode()).hexdigest()[:32] if user_id else ""
             counters.append((self.sessions.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")))
-            address = await self._address(day, client_ip) if client_ip else ""
             counters.append((self.sessions.budget_key(day, "ip", address or "-"), self._limit(address, "ip")))
             refused, used, first = await self.sessions.charge_budgets(counters, reserve, COUNTER_TTL_SECONDS)
         except REDIS_DOWN as err:
@@ -203,6 +205,22 @@ class Budgets:
         if not owner:
             return -1
         return self.policy.per_visitor if scope == "visitor" else self.policy.per_ip
+
+    async def _owners_of(self, session_id: str, day: str) -> tuple[str, str]:
+        """The session's visitor and client-address counter names for `day` (cached, bounded)."""
+        key = (session_id, day)
+        owners = self._owners.get(key)
+        if owners is not None:
+            self._owners.move_to_end(key)
+            return owners
+        fields = await self.sessions.session_fields(session_id, "userId", "clientIp")
+        user_id, client_ip = fields.get("userId"), fields.get("clientIp")
+        visitor = hashlib.sha256(user_id.encode()).hexdigest()[:32] if user_id else ""
+        address = await self._address(day, client_ip) if client_ip else ""
+        self._owners[key] = (visitor, address)
+        if len(self._owners) > OWNERS_KEPT:
+            self._owners.popitem(last=False)
+        return visitor, address
 
     async def _address(self, day: str, client_ip: str) -> str:
         """The client address as a counter name: keyed with the day's salt, so it can't be read back later."""
