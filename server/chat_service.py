@@ -15,7 +15,7 @@ from loguru import logger
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from server.budgets import Admission, BudgetPolicy, Budgets
+from server.budgets import Admission, BudgetPolicy, Budgets, estimate_tokens
 from server.errors import ApiError
 from server.escalation import Escalation, EscalationRules
 from server.handoff import HandoffService
@@ -334,7 +334,7 @@ class ChatService:
     async def _renew_leases(self) -> None:
         failing = False
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(0.25 if failing else self.lease_seconds / 3)  # failing: renew as soon as Redis is back
             if not self._leased:
                 continue
             try:
@@ -351,7 +351,10 @@ class ChatService:
         while True:
             await asyncio.sleep(interval)
             try:
-                taken = await self.sessions.take_expired_leases(self.instance_id, self.lease_seconds)
+                # One renew interval of grace: after a Redis outage, live owners renew before anyone takes over.
+                taken = await self.sessions.take_expired_leases(
+                    self.instance_id, self.lease_seconds, grace=self.lease_seconds / 3
+                )
             except Exception as err:
                 if not failing:
                     logger.warning("could not look for orphaned replies: {}", type(err).__name__)
@@ -469,6 +472,8 @@ class ChatService:
                 reply_id=reply_id,
             )
             self.metrics.redis_latency.observe(time.perf_counter() - started)
+            if job.stored.done():  # its REST caller gave up while it waited: stored, answered for nobody but history
+                job.stored = asyncio.get_running_loop().create_future()
             job.stored.set_result(appended.message)
             if not appended.duplicate:
                 self.metrics.messages_in.inc()
@@ -584,6 +589,10 @@ class ChatService:
             finally:
                 if self._streams.get(session_id) is stream:
                     del self._streams[session_id]
+        if outcome.provider not in (None, LOCAL_PROVIDER) and not outcome.tokens:
+            # Stopped or cut mid-answer: the provider billed the prompt and what it wrote, but reported no usage.
+            # Charge an estimate, or stop-generation would refund every reservation (a budget bypass).
+            outcome.tokens = fitted.tokens + estimate_tokens(stream.text)
         await self.budgets.settle(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
         return await self._conclude(session_id, user_message, reply_id, outcome, started, stream)
 

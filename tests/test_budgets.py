@@ -245,3 +245,25 @@ def _everything(client: Any) -> list[bytes]:
         elif kind == b"set":
             found += list(client.smembers(key))
     return found
+
+
+async def test_stopping_replies_does_not_refund_what_the_provider_billed(start_server, connect, double, redis_sync) -> None:
+    """stop-generation after the first chunks: the prompt and the text written are still charged (no budget bypass)."""
+    from tests.conftest import joined_client
+
+    server = await start_server(token_budget_per_ip=20_000)
+    double.set_mode("both", "ok", tokens=400, chunk_delay=0.02, prompt_tokens=3000)
+    client, session_id, _ = await joined_client(connect, server.url)
+    long_message = " ".join(["parcel"] * 500)
+    for i in range(3):
+        sent = await client.call("send-message", {"sessionId": session_id, "message": f"{i} {long_message}"})
+        await client.wait_for("message-chunk", count=2 * (i + 1))
+        await client.call("stop-generation", {"sessionId": session_id})
+        await client.reply_to(sent["messageId"])
+    counters = {
+        key.decode(): int(redis_sync.get(key) or 0)
+        for key in redis_sync.keys("chat:budget:*")
+        if not key.decode().endswith(("noticed", "salt"))
+    }
+    assert counters and all(value > 0 for value in counters.values()), counters
+    assert int(redis_sync.hget(f"chat:session:{{{session_id}}}", "tokens") or 0) > 0
