@@ -8,6 +8,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 import uuid
@@ -327,7 +328,12 @@ if limit > 0 and client then
   if count == 1 then redis.call('EXPIRE', key, 3600) end
   if count > limit then return {2, ''} end
 end
-redis.call('HSET', KEYS[1], 'state', 'ticket', 'ticketId', ARGV[1], 'ticketClaimedAt', ARGV[2])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'waiting_agent' or state == 'agent' then  -- queued or with an agent: the ticket must not undo that
+  redis.call('HSET', KEYS[1], 'ticketId', ARGV[1], 'ticketClaimedAt', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'state', 'ticket', 'ticketId', ARGV[1], 'ticketClaimedAt', ARGV[2])
+end
 return {1, ARGV[1]}
 """
 
@@ -422,7 +428,10 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str]:
         return "", "+inf"
     try:
         data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        ticket_id, score = str(data["id"]), str(float(data["s"]))
+        ticket_id, value = str(data["id"]), float(data["s"])
+        if not math.isfinite(value):  # Redis refuses nan as a score (and +-inf would page nothing)
+            raise ValueError("not a finite score")
+        score = str(value)
     except (ValueError, TypeError, KeyError, orjson.JSONDecodeError):
         raise ApiError("validation_error", "Invalid cursor.", {"cursor": "Not a cursor this server gave."}) from None
     return ticket_id, score
@@ -825,13 +834,15 @@ class SessionManager:
         expiry = int(time.time() * 1000 + seconds * 1000)
         await self.redis.zadd(self._LEASES_KEY, dict.fromkeys(session_ids, expiry), xx=True)
 
-    async def take_expired_leases(self, owner: str, seconds: float, limit: int = 20) -> list[tuple[str, dict[str, Any]]]:
-        """Replies whose owner died, now leased to `owner`: `(sessionId, {replyTo, replyId, attempt})`."""
+    async def take_expired_leases(
+        self, owner: str, seconds: float, limit: int = 20, grace: float = 0.0
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Replies whose owner died (lease expired more than `grace` ago), now leased to `owner`."""
         now_ms = int(time.time() * 1000)
         raw = await self._take_leases(
             keys=[self._LEASES_KEY],
             args=[
-                now_ms,
+                now_ms - int(grace * 1000),
                 owner,
                 now_ms + int(seconds * 1000),
                 limit,

@@ -305,3 +305,16 @@ async def test_a_ticket_flood_does_not_hide_real_tickets(start_server: ServerFac
 @pytest.fixture(autouse=True)
 def _quiet_double(double: ProviderDouble) -> None:
     double.reset()
+
+
+async def test_a_crafted_ticket_cursor_is_a_validation_error(start_server) -> None:
+    """A cursor holding a non-finite score (Redis refuses nan) answers 400, never 500."""
+    import base64
+
+    server = await start_server(agent_api_keys=_agent_keys())
+    for score in ("nan", "inf", "-inf"):
+        raw = orjson.dumps({"id": "T-NOPE", "s": score})
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AGENT_KEY}"}) as http:
+            async with http.get(f"{server.url}/api/v1/tickets?cursor={cursor}") as response:
+                assert response.status == 400, (score, response.status, await response.text())
