@@ -22,6 +22,8 @@ AGENTS_ROOM = "agents"
 AGENTS_NAMESPACE = "/agents"
 AGENT_FRESHNESS_MS = 15_000
 
+EXPIRY_SCAN_SECONDS = 10  # how often the sweep looks for sessions that expired while queued or held
+
 
 def agent_session_room(session_id: str) -> str:
     """The /agents room of the agent(s) holding a session."""
@@ -54,6 +56,8 @@ class HandoffService:
         self.local_agents: dict[str, str] = {}  # socket id -> agent name, on this process
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._last_expiry_scan_ms = 0
+        self.expiry_scan_seconds = EXPIRY_SCAN_SECONDS
 
     # Escalation -------------------------------------------------------------------------
     async def on_escalation(self, escalation: Escalation) -> None:
@@ -325,8 +329,12 @@ class HandoffService:
         now_ms = int(time.time() * 1000)
         wait_cutoff = now_ms - int(self.wait_timeout * 1000)
         idle_cutoff = now_ms - int(self.idle_timeout * 1000)
-        # A session that expired while queued or held leaves nothing behind for anyone to claim or sweep.
-        expired = await self.sessions.drop_expired_handoffs()
+        # A session that expired while queued or held leaves nothing behind for anyone to claim or sweep. Sessions
+        # live SESSION_TIMEOUT (minutes), so looking every EXPIRY_SCAN_SECONDS is enough (it reads up to 400 keys).
+        expired: list[str] = []
+        if now_ms - self._last_expiry_scan_ms >= self.expiry_scan_seconds * 1000:
+            self._last_expiry_scan_ms = now_ms
+            expired = await self.sessions.drop_expired_handoffs()
         for session_id in expired:
             logger.info("session {}: expired while queued or held; its queue and hold entries removed", session_id)
             await self.broadcaster.emit(

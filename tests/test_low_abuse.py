@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from loguru import logger
 
+from server.keys import HANDOFF
 from server.pages import SOCKETIO_CLIENT, SOCKETIO_INTEGRITY
 from server.settings import Secret, Settings
 from server.summary import SUMMARY_LABEL, SUMMARY_PROMPT
@@ -308,6 +309,7 @@ async def test_expired_queued_and_held_sessions_leave_no_entries(start_server, c
         agent_wait_timeout=60.0,
         agent_idle_timeout=60.0,
     )
+    server.app[HANDOFF].expiry_scan_seconds = 1  # the default looks every 10 s
     agent = await agent_client(server.url)
     try:
         queued, queued_id, _ = await joined_client(connect, server.url, "queued")
