@@ -197,6 +197,11 @@ function showEscalation(escalation) {
 // Joins (or rejoins) the conversation after every (re)connect.
 async function join() {
   state.joined = false;
+  // Another tab of this visitor may have rotated the token meanwhile: present the newest one. An old token
+  // presented again after the server's grace revokes the whole session.
+  if (state.sessionId && localStorage.getItem(STORE.sessionId) === state.sessionId) {
+    state.token = localStorage.getItem(STORE.token) || state.token;
+  }
   const payload = state.sessionId && state.token
     ? { sessionId: state.sessionId, token: state.token, ...(state.lastMessageId ? { afterMessageId: state.lastMessageId } : {}) }
     : { userId: userId() };
@@ -204,6 +209,12 @@ async function join() {
   if (!ack) { setStatus('reconnecting', 'Reconnecting…'); return; }
   if (!ack.ok) {
     if (payload.sessionId && ['unauthorized', 'not_found'].includes(ack.error.code)) {
+      const newer = localStorage.getItem(STORE.token);
+      if (ack.error.code === 'unauthorized' && newer && newer !== payload.token
+          && localStorage.getItem(STORE.sessionId) === payload.sessionId) {
+        state.token = newer; // another tab rotated it just now: rejoin with the new one, keep the conversation
+        return join();
+      }
       toast(describe(ack.error));
       forget();
       return join();
