@@ -16,7 +16,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from server.budgets import Admission, BudgetPolicy, Budgets, estimate_tokens
-from server.errors import ApiError
+from server.errors import ApiError, storage_unavailable
 from server.escalation import Escalation, EscalationRules
 from server.handoff import HandoffService
 from server.metrics import Metrics
@@ -26,8 +26,6 @@ from server.providers.base import ChatTurn, ProviderRequest
 from server.reply_stream import Broadcaster, ReplyListener, ReplyStream
 from server.sessions import SessionManager, new_id, now_iso
 from server.write_behind import REDIS_DOWN, WriteBehindStore
-
-STORAGE_DOWN = ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=2)
 
 BUDGET_MESSAGE = (
     "I've reached the limit of what I can answer in this conversation. "
@@ -410,7 +408,7 @@ class ChatService:
                     raise
                 except REDIS_DOWN:
                     logger.warning("session {}: storage unreachable while handling a message", session_id)
-                    _fail_job(job, STORAGE_DOWN)
+                    _fail_job(job, storage_unavailable())
                 except Exception as err:
                     logger.exception("session {}: message handling failed", session_id)
                     _fail_job(job, err if isinstance(err, ApiError) else ApiError("internal", "Something went wrong."))

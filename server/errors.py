@@ -45,6 +45,11 @@ class ApiError(Exception):
         return body
 
 
+def storage_unavailable(retry_after: float = 2) -> ApiError:
+    """Redis is unreachable and nothing could be buffered for this request: the client retries shortly."""
+    return ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=retry_after)
+
+
 def unauthorized() -> ApiError:
     """One answer for a missing token, a wrong token and an unknown session: it reveals nothing."""
     return ApiError("unauthorized", "A valid session token is required.")

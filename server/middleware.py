@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from loguru import logger
 
-from server.errors import ApiError
+from server.errors import ApiError, storage_unavailable
 from server.write_behind import REDIS_DOWN
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,7 +31,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as err:
         return error_response(err)
     except REDIS_DOWN:
-        return error_response(ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=2))
+        return error_response(storage_unavailable())
     except web.HTTPException as exc:
         if exc.status < 400 or request.path.startswith("/socket.io"):
             raise

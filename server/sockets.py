@@ -11,7 +11,7 @@ import socketio
 from loguru import logger
 
 from server.chat_service import ChatService
-from server.errors import ApiError
+from server.errors import ApiError, storage_unavailable
 from server.handoff import HandoffService
 from server.json_codec import MalformedPayload
 from server.rate_limits import RateLimits
@@ -21,7 +21,6 @@ from server.socket_server import ack_requested, after_ack
 from server.write_behind import REDIS_DOWN
 
 HISTORY_ON_JOIN = 50
-STORAGE_DOWN = ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=2)
 AGENT_ONLY_EVENTS = ("claim", "release", "close", "agent-message", "get-queue")
 SocketHandler = Callable[[str, Any], Awaitable[dict[str, Any]]]
 
@@ -47,7 +46,8 @@ def socket_edge(sio: socketio.AsyncServer, event: str, handler: SocketHandler, n
                 if err.retry_after is not None:
                     answer["retryAfter"] = err.retry_after
             except REDIS_DOWN:
-                answer = {"ok": False, "error": STORAGE_DOWN.to_dict(), "retryAfter": STORAGE_DOWN.retry_after}
+                down = storage_unavailable()
+                answer = {"ok": False, "error": down.to_dict(), "retryAfter": down.retry_after}
             except Exception:
                 logger.exception("socket event {} failed", event)
                 answer = {"ok": False, "error": ApiError("internal", "Something went wrong.").to_dict()}

@@ -12,7 +12,7 @@ from typing import Any
 
 from loguru import logger
 
-from server.errors import ApiError
+from server.errors import ApiError, storage_unavailable
 from server.sessions import REDIS_DOWN, AppendResult, ReplyLease, SessionManager
 from server.spool import Spool
 
@@ -115,7 +115,7 @@ class WriteBehindStore:
                     message,
                     client_message_id=client_message_id,
                     context_size=context_size,
-                    lease=self._lease(reply_id),
+                    lease=self.lease_for(reply_id),
                 )
             except REDIS_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
@@ -149,10 +149,7 @@ class WriteBehindStore:
         self._queue(kind, session_id, body)
 
     def lease_for(self, reply_id: str | None) -> ReplyLease | None:
-        """The lease this process takes on a reply it is about to write."""
-        return self._lease(reply_id)
-
-    def _lease(self, reply_id: str | None) -> ReplyLease | None:
+        """The lease this process takes on a reply it is about to write (none without an owner name)."""
         if reply_id is None or not self.lease_owner:
             return None
         return ReplyLease(self.lease_owner, reply_id, self.lease_seconds)
@@ -190,7 +187,7 @@ class WriteBehindStore:
     def _queue(self, kind: str, session_id: str, body: dict[str, Any]) -> None:
         """Buffer one write: on disk first, then in memory, then wake the flusher."""
         if len(self._pending) >= self.capacity:
-            raise ApiError("unavailable", "Storage is unavailable right now; please retry shortly.", retry_after=5)
+            raise storage_unavailable(retry_after=5)
         item = _Pending(next(self._seq), kind, session_id, body)
         if self.spool is not None:
             try:
@@ -271,7 +268,7 @@ class WriteBehindStore:
                 item.session_id,
                 body["message"],
                 client_message_id=body.get("clientMessageId"),
-                lease=self._lease(body.get("replyId")),
+                lease=self.lease_for(body.get("replyId")),
             )
         elif item.kind == "finish":
             bookkeeping = dict(body["bookkeeping"])
