@@ -17,6 +17,14 @@ from server.settings import PROJECT_ROOT
 from tests.conftest import free_port
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB (from /proc): the memory-bound tests compare it before and after."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 class ServerProcess:
     """`python run.py` with its own environment; with a `log_path` its output is kept there to read afterwards.
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from loguru import logger
 
 from server.budgets import estimate_tokens
+from tests.processes import rss_mb
 from tests.test_processes import launch, processes  # noqa: F401 - fixture
 
 ATTACKER = "203.0.113.7"
@@ -152,13 +152,6 @@ async def _metrics_of(url: str) -> dict[str, float]:
         return await _metrics(http, url)
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 async def test_load_one_address_many_sessions_against_a_server_process(processes, redis_url, double) -> None:  # noqa: F811
     """Issue 11's reproduction, bounded: 32 sessions from one IP send long messages; budgets hold, memory returns."""
     double.set_mode("both", "ok", prompt_tokens=3000)
@@ -179,7 +172,7 @@ async def test_load_one_address_many_sessions_against_a_server_process(processes
         for n in range(3):
             await _ask(http, server.url, warm, f"warm up {n} {LONG}")
         gc.collect()
-        before = _rss_mb(server.process.pid)
+        before = rss_mb(server.process.pid)
         replies = await _attack(http, server.url, sessions=32, messages=10)  # 320 long messages, ~1.1M if paid
         assert len(replies) == 320 and all(r["role"] == "assistant" for r in replies)
         paid = sum(1 for r in replies if r["provider"] != "local")
@@ -191,7 +184,7 @@ async def test_load_one_address_many_sessions_against_a_server_process(processes
         metrics = await _metrics(http, server.url)
         assert metrics["support_tokens_today"] < 250_000 and metrics["support_budget_degraded"] == 0
         await asyncio.sleep(0.5)
-        after = _rss_mb(server.process.pid)
+        after = rss_mb(server.process.pid)
     assert after - before < 40, f"server RSS grew {after - before:.1f} MB (from {before:.1f} MB)"
 
 

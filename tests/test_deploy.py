@@ -22,7 +22,7 @@ import redis
 from server.settings import PROJECT_ROOT, Settings
 from tests.conftest import Recorder
 from tests.fake_providers import ProviderDouble
-from tests.processes import ServerProcess
+from tests.processes import ServerProcess, rss_mb
 from tests.test_streaming import parse_sse
 
 pytestmark = pytest.mark.slow
@@ -178,7 +178,7 @@ async def new_session(http: aiohttp.ClientSession, url: str, visitor: str, user:
 
 async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deployment: Deployment, redis_url: str) -> None:
     limit = Settings().rate_limit_sessions_per_minute  # the Procfile leaves the limit at its default
-    before = [rss_mb(process) for process in deployment.web]
+    before = [rss_mb(process.process.pid) for process in deployment.web]
     gate = asyncio.Semaphore(16)
     async with aiohttp.ClientSession() as http:
 
@@ -193,7 +193,7 @@ async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deploy
         assert status == 429 and body["error"]["code"] == "rate_limited", body
         status, body = await new_session(http, deployment.url, VISITOR_B, "b")
         assert status == 201 and body["sessionId"], body
-    grown = [rss_mb(process) - mb for process, mb in zip(deployment.web, before, strict=True)]
+    grown = [rss_mb(process.process.pid) - mb for process, mb in zip(deployment.web, before, strict=True)]
     assert max(grown) < 30, f"server RSS grew by {grown} MB over {limit} sessions"  # measured: a few MB
         # A visitor cannot move to another address by writing its own X-Forwarded-For: nginx appends the peer,
         # and the process only skips hops it trusts. Here the peer is 127.0.0.1, so the test's header decides;
@@ -211,15 +211,6 @@ async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deploy
     for visitor in (VISITOR_A, VISITOR_B, visitor_c):
         assert any(visitor in key for key in keys), (visitor, keys)
     assert not [key for key in keys if "127.0.0.1" in key], "a limit keyed on nginx's address"
-
-
-def rss_mb(process: ServerProcess) -> float:
-    """The resident memory of a server process, in MB (from /proc)."""
-    assert process.process is not None
-    for line in Path(f"/proc/{process.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def chat_once(client: Recorder, user: str) -> dict[str, Any]:

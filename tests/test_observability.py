@@ -114,18 +114,12 @@ async def test_pubsub_is_not_ok_when_redis_is_down_at_start(start_server, tmp_pa
 
 async def test_readiness_under_load_before_any_visitor(redis_url, tmp_path) -> None:
     """A load balancer polling readiness hard, before any socket: ready throughout, and memory comes back."""
-    from pathlib import Path
-
-    from tests.processes import ServerProcess
+    from tests.processes import ServerProcess, rss_mb
 
     server = await ServerProcess({"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "DATA_DIR": str(tmp_path)}).start()
 
-    def rss_mb() -> float:
-        status = Path(f"/proc/{server.process.pid}/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
-
     try:
-        before = rss_mb()
+        before = rss_mb(server.process.pid)
         gate = asyncio.Semaphore(20)
         async with aiohttp.ClientSession() as http:
 
@@ -136,6 +130,7 @@ async def test_readiness_under_load_before_any_visitor(redis_url, tmp_path) -> N
             for _ in range(6):  # 6 rounds of 500 probes over ~12 s (the old deadlock showed after ~10 s)
                 assert set(await asyncio.gather(*(probe() for _ in range(500)))) == {200}
                 await asyncio.sleep(2)
-        assert rss_mb() - before < 20, f"RSS grew from {before:.0f} MB to {rss_mb():.0f} MB"
+        after = rss_mb(server.process.pid)
+        assert after - before < 20, f"RSS grew from {before:.0f} MB to {after:.0f} MB"
     finally:
         await server.stop()

@@ -8,25 +8,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 
 import orjson
 import pytest
 import socketio
 
+from tests.processes import rss_mb
 from tests.test_processes import launch, processes  # noqa: F401 - fixture
 
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "60"))
 SECONDS = float(os.environ.get("SOAK_SECONDS", "8"))
 
 pytestmark = pytest.mark.slow
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def test_soak_no_loss_no_duplicates_memory_returns(processes, redis_url, double, redis_sync) -> None:  # noqa: F811

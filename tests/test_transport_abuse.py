@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,19 +18,13 @@ import redis
 
 from server.keys import SIO
 from tests.conftest import RunningServer, ServerFactory
-from tests.processes import ServerProcess
+from tests.processes import ServerProcess, rss_mb
 from tests.test_input_limits import RawSocket
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 ATTACHMENT_HEADER = '45999999999-["send-message",{"_placeholder":true,"num":0}]'
 FRAME = b"\x00" * 60_000
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, in MB (from /proc)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
 async def closed_within(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> bool:
