@@ -111,6 +111,20 @@ async def double() -> AsyncIterator[ProviderDouble]:
 
 
 @pytest.fixture
+def cluster_env(redis_url: str, double: ProviderDouble) -> dict[str, str]:
+    """The environment of a `python run.py` process on the test Redis with both providers on the double."""
+    return {
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": double.openai_base_url,
+        "GEMINI_API_KEY": "g-test",
+        "GEMINI_BASE_URL": double.gemini_base_url,
+        "AGENT_API_KEYS": "alex:alex-key-123-4567-89ab",
+        "AI_REQUEST_TIMEOUT": "5",
+    }
+
+
+@pytest.fixture
 def settings(redis_url: str, double: ProviderDouble, tmp_path: Path) -> Settings:
     """Both providers pointed at the double, fast timeouts, streaming flushes immediate enough for tests."""
     return Settings(

@@ -11,7 +11,6 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
 from server.settings import Secret
-from tests.fake_providers import ProviderDouble
 from tests.processes import ServerProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -144,16 +143,8 @@ async def stored_agent_key(page: Page) -> str | None:
     return await page.evaluate("(name) => sessionStorage.getItem(name)", AGENT_KEY_STORE)
 
 
-async def test_agent_console_survives_a_server_restart(browser, redis_url: str, double: ProviderDouble, connect) -> None:
-    server = ServerProcess({
-        "REDIS_URL": redis_url,
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": double.openai_base_url,
-        "GEMINI_API_KEY": "g-test",
-        "GEMINI_BASE_URL": double.gemini_base_url,
-        "AGENT_API_KEYS": "alex:alex-key-123-4567-89ab",
-        "SHUTDOWN_GRACE": "1",
-    })
+async def test_agent_console_survives_a_server_restart(browser, cluster_env: dict[str, str], connect) -> None:
+    server = ServerProcess({**cluster_env, "SHUTDOWN_GRACE": "1"})
     try:
         await server.start()
         agent = await (await browser.new_context()).new_page()

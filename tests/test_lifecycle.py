@@ -27,11 +27,9 @@ import socketio
 from tests.conftest import Recorder
 from tests.fake_providers import ProviderDouble
 from tests.processes import ServerProcess
-from tests.test_processes import cluster_env, rest
+from tests.test_processes import rest
 
 pytestmark = pytest.mark.slow
-
-__all__ = ["cluster_env"]  # a fixture these tests use, shared with test_processes
 
 SHUTDOWN_BEGAN = re.compile(r"\b(?:shutdown|shutting down|shut down)\b", re.IGNORECASE)  # "shutdown began", "shutting down"
 TRANSPORTS = (["websocket"], ["polling", "websocket"], ["polling"])

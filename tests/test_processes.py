@@ -56,19 +56,6 @@ async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path
     assert [m["content"] for m in history["messages"]] == ["What is your return policy?", answer["reply"]["content"]]
 
 
-@pytest.fixture
-def cluster_env(redis_url: str, double) -> dict[str, str]:
-    return {
-        "REDIS_URL": redis_url,
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": double.openai_base_url,
-        "GEMINI_API_KEY": "g-test",
-        "GEMINI_BASE_URL": double.gemini_base_url,
-        "AGENT_API_KEYS": "alex:alex-key-123-4567-89ab",
-        "AI_REQUEST_TIMEOUT": "5",
-    }
-
-
 async def test_customer_on_one_process_agent_on_another(processes, cluster_env, connect) -> None:
     a = await launch(processes, cluster_env)
     b = await launch(processes, cluster_env)
