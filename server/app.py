@@ -212,8 +212,6 @@ def create_app(settings: Settings) -> web.Application:
         flush_chars=settings.stream_flush_chars,
         cross_process_order=settings.scaled_out,
         log_content=settings.log_message_content,
-        token_budget_per_session=settings.token_budget_per_session,
-        token_budget_per_day=settings.token_budget_per_day,
         budget_policy=BudgetPolicy.from_settings(settings),
         metrics=metrics,
         instance_id=instance_id,

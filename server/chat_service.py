@@ -105,8 +105,6 @@ class ChatService:
         store: WriteBehindStore | None = None,
         cross_process_order: bool = False,
         log_content: bool = True,
-        token_budget_per_session: int = 0,
-        token_budget_per_day: int = 0,
         budget_policy: BudgetPolicy | None = None,
         metrics: Metrics | None = None,
         instance_id: str = "",
@@ -125,12 +123,10 @@ class ChatService:
         self.store = store or WriteBehindStore(sessions, capacity=10_000)
         self.cross_process_order = cross_process_order
         self.log_content = log_content
-        self.token_budget_per_session = token_budget_per_session
-        self.token_budget_per_day = token_budget_per_day
         self.metrics = metrics or Metrics()
         self.budgets = Budgets(
             sessions,
-            budget_policy or BudgetPolicy(per_session=token_budget_per_session, per_day=token_budget_per_day),
+            budget_policy or BudgetPolicy(),
             self.metrics,
         )
         chain.paid_paused = lambda: self.budgets.degraded  # summaries make no paid call once degraded either
