@@ -127,12 +127,12 @@ class Stack:
     def start(self) -> None:
         """Start redis-server and the double, and wait for both."""
         redis_bin = subprocess.check_output(
-            [PY, "-c", "from server.redis_backend import redis_server_binary as r; print(r())"], cwd=ROOT, text=True
+            [PY, "-c", "from server.storage.redis import redis_server_binary as r; print(r())"], cwd=ROOT, text=True
         ).strip()
         self.redis = popen([redis_bin, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
         self.double_log = (LOGS / "double.log").open("w")
         self.fake = popen(
-            [PY, "-m", "tests.fake_providers", "--port", str(DOUBLE_PORT)],
+            [PY, "-m", "devtools.provider_double", "--port", str(DOUBLE_PORT)],
             cwd=ROOT,
             stdout=self.double_log,
             stderr=subprocess.STDOUT,

@@ -83,6 +83,7 @@ def parse_args() -> argparse.Namespace:
 
 # Processes ---------------------------------------------------------------------------------------------------------
 
+
 def port_free(port: int) -> bool:
     """Whether nothing listens on 127.0.0.1:`port` (so this run starts its own process there, and talks to no other)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -184,6 +185,7 @@ def history_key(session_id: str) -> str:
 
 # 1. Shutdown with idle sockets -------------------------------------------------------------------------------------
 
+
 async def _idle_shutdown(proc: subprocess.Popen, url: str) -> dict[str, Any]:
     told: dict[int, float] = {}
     clients: list[socketio.AsyncClient] = []
@@ -234,6 +236,7 @@ def idle_shutdown(stack: Stack, data_dir: Path) -> dict[str, Any]:
 
 # 2. Shutdown with a reply in flight ----------------------------------------------------------------------------------
 
+
 async def _in_flight_shutdown(proc: subprocess.Popen, url: str) -> dict[str, Any]:
     client, session_id = await joined_client(url, "in-flight")
     try:
@@ -261,13 +264,12 @@ def in_flight_shutdown(stack: Stack, data_dir: Path) -> dict[str, Any]:
         stack.control(SLOW_100)
         out = asyncio.run(_in_flight_shutdown(proc, target.url))
     history = [json.loads(raw) for raw in redis.Redis.from_url(stack.redis_url).lrange(history_key(out["sessionId"]), 0, -1)]
-    out["stored"] = [
-        m["role"] + (" (incomplete)" if m.get("incomplete") else "") for m in answers_to(history, out["messageId"])
-    ]
+    out["stored"] = [m["role"] + (" (incomplete)" if m.get("incomplete") else "") for m in answers_to(history, out["messageId"])]
     return out
 
 
 # 3. Takeover after kill -9 -------------------------------------------------------------------------------------------
+
 
 async def _takeover(a: subprocess.Popen, url_a: str, owner_a: str, redis_url: str) -> dict[str, Any]:
     import redis.asyncio as aioredis
@@ -329,6 +331,7 @@ def takeover(stack: Stack, data_dir: Path) -> dict[str, Any]:
 
 # 4. Spool write cost -------------------------------------------------------------------------------------------------
 
+
 def spool_entry(seq: int) -> dict[str, Any]:
     """A buffered user message as WriteBehindStore spools it (404 bytes of JSON)."""
     session_id = str(uuid.uuid4())
@@ -357,7 +360,7 @@ def filesystem(path: Path) -> str:
 
 def spool_cost() -> dict[str, Any]:
     """Scenario 4: microseconds per Spool.write (append + fsync) in a temp dir under DATA_DIR."""
-    from server.spool import Spool
+    from server.storage.spool import Spool
 
     base = spool_base()
     created = not base.exists()
@@ -390,6 +393,7 @@ def spool_cost() -> dict[str, Any]:
 
 # 5. Lua script cost of the lease -----------------------------------------------------------------------------------
 
+
 async def _evalsha_stats(client: Any) -> tuple[int, int]:
     stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
@@ -398,7 +402,7 @@ async def _evalsha_stats(client: Any) -> tuple[int, int]:
 async def _lua_costs(redis_url: str, calls: int) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
-    from server.sessions import ReplyLease, SessionManager, now_iso
+    from server.storage.sessions import ReplyLease, SessionManager, now_iso
 
     client = aioredis.Redis.from_url(redis_url)
     sessions = SessionManager(client, ttl_seconds=1800)
@@ -420,8 +424,14 @@ async def _lua_costs(redis_url: str, calls: int) -> dict[str, Any]:
         if kind == "finish":
             reply = message(session_id, "assistant", reply_to=str(uuid.uuid4()))
             await sessions.finish_reply(
-                session_id, [reply], streamed_id=reply["id"], attempts=[("openai", False)], provider="openai",
-                confidence=0.93, latency_ms=850.0, tokens=120,
+                session_id,
+                [reply],
+                streamed_id=reply["id"],
+                attempts=[("openai", False)],
+                provider="openai",
+                confidence=0.93,
+                latency_ms=850.0,
+                tokens=120,
             )
         else:
             lease = ReplyLease(owner, str(uuid.uuid4()), 5.0) if kind == "lease" else None
@@ -467,6 +477,7 @@ def lua_costs(stack: Stack) -> dict[str, Any]:
 
 # Figures -----------------------------------------------------------------------------------------------------------
 
+
 def median_of(runs: list[dict[str, Any]], key: str) -> tuple[float | None, list[float | None]]:
     """The median over runs of one measured value (runs that did not produce it are left out), and every value."""
     values = [run.get(key) for run in runs]
@@ -494,46 +505,125 @@ def build_figures(runs: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(key: str, scenario: str, field: str, what: str, unit: str, digits: int, how: str) -> None:
         value, values = median_of(runs[scenario], field)
-        rows.append({"key": key, "what": what, "figure": figure(value, values, unit, digits), "value": value,
-                     "unit": unit.strip(), "runs": values, "how": how})
+        rows.append(
+            {
+                "key": key,
+                "what": what,
+                "figure": figure(value, values, unit, digits),
+                "value": value,
+                "unit": unit.strip(),
+                "runs": values,
+                "how": how,
+            }
+        )
 
-    idle = (f"one server, external Redis, {IDLE_CLIENTS} python-socketio clients (WebSocket), each joined to a session, "
-            f"idle; SHUTDOWN_GRACE={IDLE_GRACE:g}; SIGTERM to the process")
-    add("idleShutdownExit", "idle", "exitSeconds", "Shutdown, 50 idle sockets: SIGTERM → process exited", "s", 2,
-        idle + " → waitpid returns")
-    add("idleShutdownLastClient", "idle", "lastDisconnectSeconds",
-        "Shutdown, 50 idle sockets: SIGTERM → last client saw its disconnect", "s", 2,
-        idle + " → the 50th client's `disconnect` event")
-    add("inFlightShutdownExit", "inFlight", "exitSeconds",
-        f"Shutdown, a reply streaming, SHUTDOWN_GRACE={IN_FLIGHT_GRACE:g}: SIGTERM → process exited", "s", 2,
+    idle = (
+        f"one server, external Redis, {IDLE_CLIENTS} python-socketio clients (WebSocket), each joined to a session, "
+        f"idle; SHUTDOWN_GRACE={IDLE_GRACE:g}; SIGTERM to the process"
+    )
+    add(
+        "idleShutdownExit",
+        "idle",
+        "exitSeconds",
+        "Shutdown, 50 idle sockets: SIGTERM → process exited",
+        "s",
+        2,
+        idle + " → waitpid returns",
+    )
+    add(
+        "idleShutdownLastClient",
+        "idle",
+        "lastDisconnectSeconds",
+        "Shutdown, 50 idle sockets: SIGTERM → last client saw its disconnect",
+        "s",
+        2,
+        idle + " → the 50th client's `disconnect` event",
+    )
+    add(
+        "inFlightShutdownExit",
+        "inFlight",
+        "exitSeconds",
+        f"Shutdown, a reply streaming, SHUTDOWN_GRACE={IN_FLIGHT_GRACE:g}: SIGTERM → process exited",
+        "s",
+        2,
         "one server; the double streams 100 tokens 50 ms apart (5 s); SIGTERM after the client's first "
-        "`message-chunk` → waitpid returns (the partial reply is stored as incomplete + a system message)")
-    takeover_how = ("servers A and B on one Redis (SOCKETIO_MANAGER=auto); a client on A sends a message, the double "
-                    "streams 60 tokens 50 ms apart; kill -9 A after the first `message-chunk`")
-    add("takeoverTaken", "takeover", "takenOverSeconds", "kill -9 mid-reply: kill → the other process took the reply over",
-        "s", 2, takeover_how + " → `chat:pending:{sessionId}` names B as owner (Redis polled every 20 ms); "
-        "bounded by the 5 s lease (renewed every 1.7 s) + the 1 s takeover check")
-    add("takeoverStreaming", "takeover", "streamingAgainSeconds", "kill -9 mid-reply: kill → the other process streams it again",
-        "s", 2, takeover_how + " → B writes the reply's `chat:inflight:{sessionId}` snapshot; the dead process's session "
-        "lock (`chat:lock:{sessionId}`) is freed by the takeover, so B streams at once")
-    add("takeoverStored", "takeover", "storedSeconds", "kill -9 mid-reply: kill → the other process stored the answer",
-        "s", 2, takeover_how + " → `chat:history:{sessionId}` holds an assistant (whole) or system message with replyTo = "
-        "the user message id; includes B streaming the 3 s reply again")
-    add("spoolWrite", "spool", "medianUs", f"Spool.write of a buffered message ({spool.get('entryBytes', '?')} bytes JSON)",
-        "µs", 0, f"median of {SPOOL_WRITES} appends + fsync, one file, in a temp dir under DATA_DIR "
-        f"({spool.get('directory', '?')}), filesystem {spool.get('filesystem', '?')}")
-    lua_how = (f"SessionManager on redis.asyncio against a real redis-server (v{runs.get('redisVersion', '?')}), "
-               f"{LUA_CALLS} calls of each kind interleaved in blocks of {LUA_BLOCK} (order rotated), context_size="
-               f"{CONTEXT_SIZE}; round trip = client-side median; in Redis = INFO commandstats evalsha µs/call, "
-               "median over blocks")
-    for kind, label in (("plain", "append without a lease"), ("lease", "append with a lease"),
-                        ("finish", "finish_reply of one message")):
+        "`message-chunk` → waitpid returns (the partial reply is stored as incomplete + a system message)",
+    )
+    takeover_how = (
+        "servers A and B on one Redis (SOCKETIO_MANAGER=auto); a client on A sends a message, the double "
+        "streams 60 tokens 50 ms apart; kill -9 A after the first `message-chunk`"
+    )
+    add(
+        "takeoverTaken",
+        "takeover",
+        "takenOverSeconds",
+        "kill -9 mid-reply: kill → the other process took the reply over",
+        "s",
+        2,
+        takeover_how + " → `chat:pending:{sessionId}` names B as owner (Redis polled every 20 ms); "
+        "bounded by the 5 s lease (renewed every 1.7 s) + the 1 s takeover check",
+    )
+    add(
+        "takeoverStreaming",
+        "takeover",
+        "streamingAgainSeconds",
+        "kill -9 mid-reply: kill → the other process streams it again",
+        "s",
+        2,
+        takeover_how + " → B writes the reply's `chat:inflight:{sessionId}` snapshot; the dead process's session "
+        "lock (`chat:lock:{sessionId}`) is freed by the takeover, so B streams at once",
+    )
+    add(
+        "takeoverStored",
+        "takeover",
+        "storedSeconds",
+        "kill -9 mid-reply: kill → the other process stored the answer",
+        "s",
+        2,
+        takeover_how + " → `chat:history:{sessionId}` holds an assistant (whole) or system message with replyTo = "
+        "the user message id; includes B streaming the 3 s reply again",
+    )
+    add(
+        "spoolWrite",
+        "spool",
+        "medianUs",
+        f"Spool.write of a buffered message ({spool.get('entryBytes', '?')} bytes JSON)",
+        "µs",
+        0,
+        f"median of {SPOOL_WRITES} appends + fsync, one file, in a temp dir under DATA_DIR "
+        f"({spool.get('directory', '?')}), filesystem {spool.get('filesystem', '?')}",
+    )
+    lua_how = (
+        f"SessionManager on redis.asyncio against a real redis-server (v{runs.get('redisVersion', '?')}), "
+        f"{LUA_CALLS} calls of each kind interleaved in blocks of {LUA_BLOCK} (order rotated), context_size="
+        f"{CONTEXT_SIZE}; round trip = client-side median; in Redis = INFO commandstats evalsha µs/call, "
+        "median over blocks"
+    )
+    for kind, label in (
+        ("plain", "append without a lease"),
+        ("lease", "append with a lease"),
+        ("finish", "finish_reply of one message"),
+    ):
         add(f"{kind}RoundTrip", "lua", f"{kind}RoundTripUs", f"Lua: {label}, round trip", "µs", 0, lua_how)
         add(f"{kind}InRedis", "lua", f"{kind}InRedisUs", f"Lua: {label}, time in Redis", "µs", 1, lua_how)
-    add("leaseRatioRoundTrip", "lua", "leaseRatioRoundTrip", "Lua: append with / without a lease, round trip", "×", 3,
-        "ratio of the two medians within each run (the machine is noisy: compared within a run), median over runs")
-    add("leaseRatioInRedis", "lua", "leaseRatioInRedis", "Lua: append with / without a lease, time in Redis", "×", 3,
-        "ratio of the two in-Redis medians within each run, median over runs")
+    add(
+        "leaseRatioRoundTrip",
+        "lua",
+        "leaseRatioRoundTrip",
+        "Lua: append with / without a lease, round trip",
+        "×",
+        3,
+        "ratio of the two medians within each run (the machine is noisy: compared within a run), median over runs",
+    )
+    add(
+        "leaseRatioInRedis",
+        "lua",
+        "leaseRatioInRedis",
+        "Lua: append with / without a lease, time in Redis",
+        "×",
+        3,
+        "ratio of the two in-Redis medians within each run, median over runs",
+    )
     return rows
 
 
@@ -552,6 +642,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 # Main ----------------------------------------------------------------------------------------------------------------
+
 
 def run_reps(
     name: str, reps: int, fn: Callable[[int], dict[str, Any]], summary: Callable[[dict[str, Any]], str]
@@ -582,7 +673,7 @@ def main() -> None:
     busy = [p for p in (REDIS_PORT, DOUBLE_PORT, IDLE_PORT, IN_FLIGHT_PORT, *TAKEOVER_PORTS) if not port_free(p)]
     if busy:
         sys.exit(f"ports {busy} are in use (is `make bench` or another reliability run going on?); not starting")
-    sys.path.insert(0, str(ROOT))  # for server.spool and server.sessions
+    sys.path.insert(0, str(ROOT))  # for server.storage.spool and server.storage.sessions
     started = time.monotonic()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stack = Stack(ROOT)  # the Node peer is not used here; its path only ends up in the servers' environment
@@ -594,28 +685,42 @@ def main() -> None:
             os.sched_setaffinity(0, {int(LOAD_CORE)})  # the clients beside, not on, the server's core
         runs["redisVersion"] = redis.Redis.from_url(stack.redis_url).info("server").get("redis_version")
         runs["idle"] = run_reps(
-            "1 idle shutdown", reps, lambda rep: idle_shutdown(stack, data_root / f"idle-{rep}"),
+            "1 idle shutdown",
+            reps,
+            lambda rep: idle_shutdown(stack, data_root / f"idle-{rep}"),
             lambda r: f"exit {_seconds(r['exitSeconds'])}, last client {_seconds(r['lastDisconnectSeconds'])}",
         )
         runs["inFlight"] = run_reps(
-            "2 in-flight shutdown", reps, lambda rep: in_flight_shutdown(stack, data_root / f"in-flight-{rep}"),
+            "2 in-flight shutdown",
+            reps,
+            lambda rep: in_flight_shutdown(stack, data_root / f"in-flight-{rep}"),
             lambda r: f"exit {_seconds(r['exitSeconds'])}, stored {r['stored']}",
         )
         runs["takeover"] = run_reps(
-            "3 takeover", reps, lambda rep: takeover(stack, data_root / f"takeover-{rep}"),
-            lambda r: f"lease left {_seconds(r['leaseLeftAtKillSeconds'])}, lock left {_seconds(r['lockLeftAtKillSeconds'])}, "
-            f"taken over {_seconds(r['takenOverSeconds'])}, streaming {_seconds(r['streamingAgainSeconds'])}, "
-            f"stored {_seconds(r['storedSeconds'])} {r['stored']}",
+            "3 takeover",
+            reps,
+            lambda rep: takeover(stack, data_root / f"takeover-{rep}"),
+            lambda r: (
+                f"lease left {_seconds(r['leaseLeftAtKillSeconds'])}, lock left {_seconds(r['lockLeftAtKillSeconds'])}, "
+                f"taken over {_seconds(r['takenOverSeconds'])}, streaming {_seconds(r['streamingAgainSeconds'])}, "
+                f"stored {_seconds(r['storedSeconds'])} {r['stored']}"
+            ),
         )
         runs["spool"] = run_reps(
-            "4 spool", reps, lambda rep: spool_cost(),
+            "4 spool",
+            reps,
+            lambda rep: spool_cost(),
             lambda r: f"{r['medianUs']:.0f} µs per write (p90 {r['p90Us']:.0f}), {r['filesystem']}",
         )
         runs["lua"] = run_reps(
-            "5 lua", reps, lambda rep: lua_costs(stack),
-            lambda r: f"append {r['plainRoundTripUs']:.0f} / with lease {r['leaseRoundTripUs']:.0f} / finish "
-            f"{r['finishRoundTripUs']:.0f} µs round trip; in Redis {r['plainInRedisUs']:.1f} / {r['leaseInRedisUs']:.1f} / "
-            f"{r['finishInRedisUs']:.1f} µs",
+            "5 lua",
+            reps,
+            lambda rep: lua_costs(stack),
+            lambda r: (
+                f"append {r['plainRoundTripUs']:.0f} / with lease {r['leaseRoundTripUs']:.0f} / finish "
+                f"{r['finishRoundTripUs']:.0f} µs round trip; in Redis {r['plainInRedisUs']:.1f} / {r['leaseInRedisUs']:.1f} / "
+                f"{r['finishInRedisUs']:.1f} µs"
+            ),
         )
     finally:
         stack.close()

@@ -2,7 +2,7 @@
 
 Every server under test runs alone on core 0 (taskset); the load drivers run on core 1: the peer's load.js (the
 official socket.io-client) for B2/B3, bench/drivers/*.mjs for the rest. One redis-server (port 6391) and one provider
-double (tests.fake_providers, port 9002) serve every target.
+double (devtools.provider_double, port 9002) serve every target.
 
   B1 idle memory and join latency     bench/drivers/idle_join.mjs  (all targets)
   B2 closed-loop throughput           load.js closed / drivers/ws_echo.mjs (raw WebSocket baseline)

@@ -158,8 +158,11 @@ def double_alone(stack: Stack, reps: int, duration: int) -> list[dict[str, Any]]
     stack.control()
     for rep in range(1, reps + 1):
         for rate in (100, 500):
-            out = stack.drive("double_rate.py", ["--url", stack.double, "--rate", str(rate), "--duration", str(duration)],
-                              timeout=duration * 3 + 60)
+            out = stack.drive(
+                "double_rate.py",
+                ["--url", stack.double, "--rate", str(rate), "--duration", str(duration)],
+                timeout=duration * 3 + 60,
+            )
             rows.append(row("provider double", f"B3 double alone, rate {rate}", rep, out))
     return rows
     return rows

@@ -14,15 +14,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from loguru import logger
 
-from server.agents import AgentEvents
-from server.agents_directory import AgentDirectory
-from server.budgets import BudgetPolicy
-from server.chat_service import ChatService
-from server.escalation import EscalationRules
-from server.handoff import HandoffService
-from server.health import HealthService
-from server.json_codec import SocketIOCodec
-from server.keys import (
+from server.ai.chain import ProviderChain
+from server.ai.knowledge import KnowledgeBase
+from server.ai.providers.base import AIProvider
+from server.ai.providers.gemini_provider import GeminiProvider
+from server.ai.providers.local import LocalProvider
+from server.ai.providers.openai_provider import OpenAIProvider
+from server.app_keys import (
     AGENT_DIRECTORY,
     AGENT_EVENTS,
     CHAIN,
@@ -41,10 +39,29 @@ from server.keys import (
     SETTINGS,
     SIO,
 )
-from server.knowledge import KnowledgeBase
-from server.logging_setup import configure_logging
-from server.metrics import Metrics
-from server.middleware import (
+from server.chat.budgets import BudgetPolicy
+from server.chat.escalation import EscalationRules
+from server.chat.prompt import PromptBuilder
+from server.chat.service import ChatService
+from server.handoff.directory import AgentDirectory
+from server.handoff.service import HandoffService
+from server.handoff.summary import ConversationSummarizer
+from server.json_codec import SocketIOCodec
+from server.ops.health import HealthService
+from server.ops.logging import configure_logging
+from server.ops.metrics import Metrics
+from server.realtime.agents import AgentEvents
+from server.realtime.customers import CustomerEvents
+from server.realtime.managers import DirectEmitManager, GuardedRedisManager
+from server.realtime.server import ChatSocketServer
+from server.realtime.transport_guard import connection_guard
+from server.schemas import build_schemas
+from server.settings import Settings
+from server.storage.redis import EmbeddedRedis
+from server.storage.sessions import SessionManager
+from server.storage.spool import Spool
+from server.storage.write_behind import WriteBehindStore
+from server.web.middleware import (
     access_log_middleware,
     body_read_timeout_middleware,
     cors_middleware,
@@ -52,27 +69,10 @@ from server.middleware import (
     no_ws_compression_middleware,
     websocket_registry_middleware,
 )
-from server.openapi import build_openapi
-from server.pages import setup_pages
-from server.prompt import PromptBuilder
-from server.provider_chain import ProviderChain
-from server.providers.base import AIProvider
-from server.providers.gemini_provider import GeminiProvider
-from server.providers.local import LocalProvider
-from server.providers.openai_provider import OpenAIProvider
-from server.rate_limits import RateLimits
-from server.redis_backend import EmbeddedRedis
-from server.rest import add_routes
-from server.schemas import build_schemas
-from server.sessions import SessionManager
-from server.settings import Settings
-from server.socket_manager import DirectEmitManager, GuardedRedisManager
-from server.socket_server import ChatSocketServer
-from server.sockets import CustomerEvents
-from server.spool import Spool
-from server.summary import ConversationSummarizer
-from server.transport_guard import connection_guard
-from server.write_behind import WriteBehindStore
+from server.web.openapi import build_openapi
+from server.web.pages import setup_pages
+from server.web.rate_limits import RateLimits
+from server.web.routes import add_routes
 
 
 class SocketBroadcaster:

@@ -48,9 +48,7 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and secrets.compare_digest(
-            (self._value or "").encode(), (other._value or "").encode()
-        )
+        return isinstance(other, Secret) and secrets.compare_digest((self._value or "").encode(), (other._value or "").encode())
 
     def __hash__(self) -> int:
         return hash(self._value)
@@ -159,13 +157,9 @@ class Settings:
             env.read_env(str(env_file), recurse=False, override=False)
         defaults = cls()
         redis_url = env.str("REDIS_URL", None) or _redis_url_from_parts(env)
-        providers = tuple(
-            p.strip().lower() for p in env.list("AI_PROVIDERS", list(defaults.ai_providers)) if p.strip()
-        )
+        providers = tuple(p.strip().lower() for p in env.list("AI_PROVIDERS", list(defaults.ai_providers)) if p.strip())
         keywords = tuple(
-            k.strip().lower()
-            for k in env.list("ESCALATION_KEYWORDS", list(defaults.escalation_keywords))
-            if k.strip()
+            k.strip().lower() for k in env.list("ESCALATION_KEYWORDS", list(defaults.escalation_keywords)) if k.strip()
         )
         return cls(
             host=env.str("HOST", defaults.host),
@@ -180,9 +174,7 @@ class Settings:
             ai_request_timeout=env.float("AI_REQUEST_TIMEOUT", defaults.ai_request_timeout),
             ai_first_token_timeout=env.float("AI_FIRST_TOKEN_TIMEOUT", defaults.ai_first_token_timeout),
             ai_stream_idle_timeout=env.float("AI_STREAM_IDLE_TIMEOUT", defaults.ai_stream_idle_timeout),
-            provider_failure_threshold=env.int(
-                "PROVIDER_FAILURE_THRESHOLD", defaults.provider_failure_threshold
-            ),
+            provider_failure_threshold=env.int("PROVIDER_FAILURE_THRESHOLD", defaults.provider_failure_threshold),
             provider_cooldown=env.float("PROVIDER_COOLDOWN", defaults.provider_cooldown),
             redis_url=redis_url,
             data_dir=Path(env.str("DATA_DIR", str(defaults.data_dir))),
@@ -210,9 +202,7 @@ class Settings:
             request_read_timeout=env.float("REQUEST_READ_TIMEOUT", defaults.request_read_timeout),
             http_keepalive_timeout=env.float("HTTP_KEEPALIVE_TIMEOUT", defaults.http_keepalive_timeout),
             agent_api_keys=parse_agent_keys(env.str("AGENT_API_KEYS", "")),
-            agent_auth_failures_per_minute=env.int(
-                "AGENT_AUTH_FAILURES_PER_MINUTE", defaults.agent_auth_failures_per_minute
-            ),
+            agent_auth_failures_per_minute=env.int("AGENT_AUTH_FAILURES_PER_MINUTE", defaults.agent_auth_failures_per_minute),
             agent_auth_lockout=env.float("AGENT_AUTH_LOCKOUT", defaults.agent_auth_lockout),
             agent_auth_global_failures_per_minute=env.int(
                 "AGENT_AUTH_GLOBAL_FAILURES_PER_MINUTE", defaults.agent_auth_global_failures_per_minute
@@ -222,12 +212,8 @@ class Settings:
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
             shutdown_grace=env.float("SHUTDOWN_GRACE", defaults.shutdown_grace),
             socketio_manager=env.str("SOCKETIO_MANAGER", defaults.socketio_manager).lower(),
-            rate_limit_sessions_per_minute=env.int(
-                "RATE_LIMIT_SESSIONS_PER_MINUTE", defaults.rate_limit_sessions_per_minute
-            ),
-            rate_limit_messages_per_minute=env.int(
-                "RATE_LIMIT_MESSAGES_PER_MINUTE", defaults.rate_limit_messages_per_minute
-            ),
+            rate_limit_sessions_per_minute=env.int("RATE_LIMIT_SESSIONS_PER_MINUTE", defaults.rate_limit_sessions_per_minute),
+            rate_limit_messages_per_minute=env.int("RATE_LIMIT_MESSAGES_PER_MINUTE", defaults.rate_limit_messages_per_minute),
             rate_limit_connections_per_minute=env.int(
                 "RATE_LIMIT_CONNECTIONS_PER_MINUTE", defaults.rate_limit_connections_per_minute
             ),

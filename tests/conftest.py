@@ -19,10 +19,10 @@ import socketio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from devtools.provider_double import ProviderDouble
 from server.app import create_app
-from server.redis_backend import redis_server_binary
 from server.settings import Secret, Settings
-from tests.fake_providers import ProviderDouble
+from server.storage.redis import redis_server_binary
 
 
 def free_port() -> int:
@@ -50,13 +50,20 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir),
-                "--save", "",
-                "--appendonly", "yes" if self.persistent else "no",
-                "--appendfsync", "always",
-                "--daemonize", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -232,8 +239,10 @@ class Recorder:
         """The next assistant/system message-received (optionally answering a given user message)."""
         found = await self.wait_for(
             "message-received",
-            lambda d: d["message"]["role"] in ("assistant", "system")
-            and (message_id is None or d["message"].get("replyTo") == message_id),
+            lambda d: (
+                d["message"]["role"] in ("assistant", "system")
+                and (message_id is None or d["message"].get("replyTo") == message_id)
+            ),
             timeout=timeout,
         )
         return found[0]

@@ -63,8 +63,14 @@ class ServerProcess:
             output = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(PROJECT_ROOT / "run.py"), env=self.env, cwd=str(PROJECT_ROOT),
-                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=self.new_session,
+                sys.executable,
+                str(PROJECT_ROOT / "run.py"),
+                env=self.env,
+                cwd=str(PROJECT_ROOT),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=self.new_session,
             )
         finally:
             if isinstance(output, int) and output >= 0:

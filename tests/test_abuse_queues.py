@@ -12,10 +12,10 @@ import psutil
 import pytest
 import redis
 
-from server.keys import CHAT_SERVICE, CUSTOMER_EVENTS, HANDOFF, SESSIONS
+from devtools.provider_double import ProviderDouble
+from server.app_keys import CHAT_SERVICE, CUSTOMER_EVENTS, HANDOFF, SESSIONS
 from server.settings import parse_agent_keys
 from tests.conftest import ServerFactory, joined_client
-from tests.fake_providers import ProviderDouble
 
 AGENT_KEY = "kQ7vN2xLp9RwT4zHc8JmB3sYfD6g"
 AGENT_KEYS = (("alex", AGENT_KEY),)
@@ -113,15 +113,11 @@ async def test_queued_messages_are_kept_while_another_socket_listens(
     await _wait_until(lambda: chat.busy_sessions == 1)
     await sender.disconnect()
     await _wait_until(lambda: chat.busy_sessions == 0)
-    assert [m["content"] for m in _history(redis_sync, session_id) if m["role"] == "user"] == [
-        f"kept {i}" for i in range(5)
-    ]
+    assert [m["content"] for m in _history(redis_sync, session_id) if m["role"] == "user"] == [f"kept {i}" for i in range(5)]
     await watcher.wait_for("message-received", lambda d: d["message"]["role"] == "assistant", count=5)
 
 
-async def test_unawaited_flood_memory_comes_back(
-    start_server: ServerFactory, connect: Any, double: ProviderDouble
-) -> None:
+async def test_unawaited_flood_memory_comes_back(start_server: ServerFactory, connect: Any, double: ProviderDouble) -> None:
     """Load: 10 sessions x 200 unawaited messages, then the clients leave; RSS returns within 40 MB."""
     double.set_mode("both", "ok", delay=0.2)
     server = await start_server(rate_limit_messages_per_minute=0)
@@ -187,9 +183,7 @@ async def test_escalate_is_idempotent_and_opens_one_ticket(
     assert later == {"ok": True, "state": "ticket"}
 
 
-async def test_one_ticket_per_session_under_a_race(
-    start_server: ServerFactory, connect: Any, double: ProviderDouble
-) -> None:
+async def test_one_ticket_per_session_under_a_race(start_server: ServerFactory, connect: Any, double: ProviderDouble) -> None:
     server = await start_server()
     client, session_id, _ = await joined_client(connect, server.url)
     sent = await client.call("send-message", {"sessionId": session_id, "message": "where is my parcel"})

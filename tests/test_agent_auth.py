@@ -30,9 +30,7 @@ AGENT_ROUTES = (
 )
 
 
-async def rest(
-    url: str, key: str | None, ip: str | None = None, method: str = "GET"
-) -> tuple[int, dict[str, Any], str | None]:
+async def rest(url: str, key: str | None, ip: str | None = None, method: str = "GET") -> tuple[int, dict[str, Any], str | None]:
     """One REST call with an agent key (and a forwarded client address): status, JSON body, Retry-After."""
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     if ip is not None:
@@ -62,8 +60,6 @@ async def agent_connect(
         finally:
             if ws is None:
                 await socket.close()
-
-
 
 
 async def test_rest_guessing_locks_the_address_out_even_for_the_right_key(start_server, redis_sync) -> None:

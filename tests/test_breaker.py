@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.breaker import CircuitBreaker, claim_panic_probe
+from server.ai.breaker import CircuitBreaker, claim_panic_probe
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
-from server.budgets import estimate_tokens
+from server.chat.budgets import estimate_tokens
 from tests.processes import rss_mb
 from tests.test_processes import launch, processes  # noqa: F401 - fixture
 
@@ -20,9 +20,7 @@ LONG = " ".join(["parcel"] * 500)  # 3,500 characters: a long message, answered 
 
 
 async def _open(http: aiohttp.ClientSession, url: str, user_id: str, ip: str) -> tuple[str, str]:
-    async with http.post(
-        f"{url}/api/v1/chat/session", json={"userId": user_id}, headers={"X-Forwarded-For": ip}
-    ) as response:
+    async with http.post(f"{url}/api/v1/chat/session", json={"userId": user_id}, headers={"X-Forwarded-For": ip}) as response:
         body = await response.json()
         assert response.status == 201, body
         return body["sessionId"], body["token"]

@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 import redis
 
+from devtools.provider_double import ProviderDouble
 from server.settings import PROJECT_ROOT, Settings
 from tests.conftest import Recorder
-from tests.fake_providers import ProviderDouble
 from tests.processes import ServerProcess, rss_mb
 from tests.test_streaming import parse_sse
 
@@ -124,15 +124,18 @@ async def deployment(redis_url: str, double: ProviderDouble, tmp_path: Path) -> 
         for i, entry in enumerate(web):
             assert entry.argv == ["python", "run.py"], entry
             assert entry.env.get("TRUSTED_PROXIES"), f"{entry.name} does not trust nginx: every visitor is one IP"
-            process = ServerProcess(
-                {**outside, **entry.env}, port=int(entry.env["PORT"]), log_path=tmp_path / f"web{i}.log"
-            )
+            process = ServerProcess({**outside, **entry.env}, port=int(entry.env["PORT"]), log_path=tmp_path / f"web{i}.log")
             processes.append(process)
             await process.start()
         with (tmp_path / "nginx.log").open("wb") as log:
             nginx = await asyncio.create_subprocess_exec(
-                binary, *front[0].argv[1:], env={**os.environ, **front[0].env}, cwd=str(PROJECT_ROOT),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                binary,
+                *front[0].argv[1:],
+                env={**os.environ, **front[0].env},
+                cwd=str(PROJECT_ROOT),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
         url = f"http://127.0.0.1:{listen}"
         await wait_until_serving(url, nginx, tmp_path / "nginx.log")
@@ -195,9 +198,9 @@ async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deploy
         assert status == 201 and body["sessionId"], body
     grown = [rss_mb(process.process.pid) - mb for process, mb in zip(deployment.web, before, strict=True)]
     assert max(grown) < 30, f"server RSS grew by {grown} MB over {limit} sessions"  # measured: a few MB
-        # A visitor cannot move to another address by writing its own X-Forwarded-For: nginx appends the peer,
-        # and the process only skips hops it trusts. Here the peer is 127.0.0.1, so the test's header decides;
-        # in production the peer is the visitor's own public address.
+    # A visitor cannot move to another address by writing its own X-Forwarded-For: nginx appends the peer,
+    # and the process only skips hops it trusts. Here the peer is 127.0.0.1, so the test's header decides;
+    # in production the peer is the visitor's own public address.
 
     visitor_c = "192.0.2.30"
     socket_client = Recorder()
@@ -227,9 +230,7 @@ async def test_socketio_over_websocket_and_polling_and_sse_through_nginx(deploym
     websocket = Recorder()
     await websocket.connect(deployment.url, headers={"X-Forwarded-For": VISITOR_A})
     polling = Recorder()
-    await polling.client.connect(
-        deployment.url, transports=["polling"], headers={"X-Forwarded-For": VISITOR_B}, wait_timeout=5
-    )
+    await polling.client.connect(deployment.url, transports=["polling"], headers={"X-Forwarded-For": VISITOR_B}, wait_timeout=5)
     try:
         assert websocket.client.transport() == "websocket" and polling.client.transport() == "polling"
         for client, user in ((websocket, "ws-visitor"), (polling, "polling-visitor")):

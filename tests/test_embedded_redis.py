@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 import redis
 
-from server.redis_backend import redis_server_binary
 from server.settings import PROJECT_ROOT
+from server.storage.redis import redis_server_binary
 from tests.conftest import Recorder, joined_client
 from tests.processes import ServerProcess
 
@@ -133,10 +133,27 @@ def start_orphan(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     dead.wait()
     orphan = subprocess.Popen(
         [
-            redis_server_binary(), "--port", "0", "--unixsocket", str(data_dir / "redis.sock"), "--unixsocketperm", "700",
-            "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(data_dir / "redis.sock"),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
         ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     return orphan, dead.pid
 
@@ -155,8 +172,10 @@ async def test_kill_9_takes_the_redis_child_down_and_the_next_start_has_the_hist
     assert json.loads((data_dir / "redis.owner").read_text())["serverPid"] == first.pid
     _, session = await rest("POST", f"{first.url}/api/v1/chat/session", {"userId": "killed"})
     status, answer = await rest(
-        "POST", f"{first.url}/api/v1/chat/message",
-        {"sessionId": session["sessionId"], "message": "What is your return policy?"}, session["token"],
+        "POST",
+        f"{first.url}/api/v1/chat/message",
+        {"sessionId": session["sessionId"], "message": "What is your return policy?"},
+        session["token"],
     )
     assert status == 200
 
@@ -176,7 +195,7 @@ async def test_kill_9_takes_the_redis_child_down_and_the_next_start_has_the_hist
 CHILD_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from server.redis_backend import EmbeddedRedis
+from server.storage.redis import EmbeddedRedis
 
 async def main():
     embedded = EmbeddedRedis(Path(sys.argv[2]))
@@ -195,8 +214,14 @@ else:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_the_parent_death_signal_holds_under_both_event_loops(loop: str, data_dir: Path) -> None:
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD_SCRIPT, loop, str(data_dir), cwd=str(PROJECT_ROOT),
-        stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        sys.executable,
+        "-c",
+        CHILD_SCRIPT,
+        loop,
+        str(data_dir),
+        cwd=str(PROJECT_ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
     )
     assert owner.stdout is not None
     try:

@@ -8,8 +8,8 @@ import json
 import aiohttp
 import pytest
 
+from devtools.provider_double import ProviderDouble
 from tests.conftest import Recorder, RunningServer, free_port, joined_client
-from tests.fake_providers import ProviderDouble
 
 
 async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:

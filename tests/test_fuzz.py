@@ -78,11 +78,14 @@ async def test_fuzz_send_message(server, redis_sync, body) -> None:
 @given(query=st.dictionaries(st.sampled_from(["limit", "before", "x"]), st.text(max_size=12), max_size=3))
 async def test_fuzz_history_query(server, query) -> None:
     _, session = await call("POST", f"{server.url}/api/v1/chat/session", {"userId": "fuzz"})
-    async with aiohttp.ClientSession() as http, http.get(
-        f"{server.url}/api/v1/chat/history/{session['sessionId']}",
-        params=query,
-        headers={"Authorization": f"Bearer {session['token']}"},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{server.url}/api/v1/chat/history/{session['sessionId']}",
+            params=query,
+            headers={"Authorization": f"Bearer {session['token']}"},
+        ) as response,
+    ):
         assert_well_formed(response.status, await response.json())
 
 

@@ -11,7 +11,7 @@ import socketio
 from server.settings import Secret
 from tests.conftest import Recorder, joined_client
 
-AGENT_KEYS = ((("alex", Secret("alex-key-123-4567-89ab")), ("sam", Secret("sam-key-456-7890-cdef"))))
+AGENT_KEYS = (("alex", Secret("alex-key-123-4567-89ab")), ("sam", Secret("sam-key-456-7890-cdef")))
 
 
 async def agent_client(url: str, key: str) -> Recorder:

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 async def post_session(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{url}/api/v1/chat/session", json={"userId": "limited"}, headers=headers or {}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/api/v1/chat/session", json={"userId": "limited"}, headers=headers or {}) as response,
+    ):
         return response.status, await response.json(), dict(response.headers)
 
 

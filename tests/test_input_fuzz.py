@@ -25,8 +25,21 @@ from tests.test_input_limits import AGENT_KEY, RawSocket, event_names, start_inp
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 ERROR_CODES = {"validation_error", "unauthorized", "not_found", "payload_too_large", "rate_limited", "unavailable"}
-KEYS = ("userId", "metadata", "sessionId", "message", "clientMessageId", "token", "messageId", "rating", "comment",
-        "reason", "email", "resolution", "afterMessageId")
+KEYS = (
+    "userId",
+    "metadata",
+    "sessionId",
+    "message",
+    "clientMessageId",
+    "token",
+    "messageId",
+    "rating",
+    "comment",
+    "reason",
+    "email",
+    "resolution",
+    "afterMessageId",
+)
 # The routes whose handler reads a JSON body: refused JSON there must be exactly 400 validation_error.
 JSON_BODY_ROUTES = {
     ("POST", "/api/v1/chat/session"),
@@ -55,9 +68,7 @@ ENCODINGS = (None, "identity", "gzip", "deflate", "gzip-garbage", "deflate-garba
 # --- JSON texts the policy refuses -------------------------------------------------------------------------------
 safe_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\'), max_size=6)
 surrogate_escape = st.integers(0xD800, 0xDFFF).map(lambda c: f"\\u{c:04x}")
-reversed_pair = st.tuples(st.integers(0xDC00, 0xDFFF), st.integers(0xD800, 0xDBFF)).map(
-    lambda p: f"\\u{p[0]:04x}\\u{p[1]:04x}"
-)
+reversed_pair = st.tuples(st.integers(0xDC00, 0xDFFF), st.integers(0xD800, 0xDBFF)).map(lambda p: f"\\u{p[0]:04x}\\u{p[1]:04x}")
 invalid_escape = st.sampled_from(["\\x41", "\\u12", "\\u12G4", "\\uZZZZ", "\\u", "\\q", "\\U0001F600", "\\'", "\\ "])
 raw_control = st.sampled_from(["\x00", "\x01", "\n", "\t", "\x1f"])  # unescaped control characters inside a string
 bad_string = st.tuples(safe_text, st.one_of(surrogate_escape, reversed_pair, invalid_escape, raw_control), safe_text).map(
@@ -150,7 +161,7 @@ def rest_routes(server: RunningServer) -> list[tuple[str, str]]:
     """(method, path template) of every route server/rest.py add_routes registered."""
     found = set()
     for route in server.app.router.routes():
-        if getattr(route.handler, "__module__", "") == "server.rest" and route.method not in ("HEAD", "OPTIONS"):
+        if getattr(route.handler, "__module__", "") == "server.web.routes" and route.method not in ("HEAD", "OPTIONS"):
             found.add((route.method, route.resource.canonical))
     assert len(found) >= 17, found
     return sorted(found, key=lambda r: (r[0] == "DELETE", r))  # deleting the session last
@@ -199,9 +210,10 @@ async def request(
         if content_type is not None:
             headers["Content-Type"] = content_type
     url = server.url + path + (("?" + query) if query else "")
-    async with aiohttp.ClientSession(auto_decompress=False) as http, http.request(
-        method, URL(url, encoded=True), data=data, headers=headers, skip_auto_headers=["Content-Type"]
-    ) as response:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.request(method, URL(url, encoded=True), data=data, headers=headers, skip_auto_headers=["Content-Type"]) as response,
+    ):
         return response.status, response.headers.get("Content-Type", ""), await response.read()
 
 
@@ -265,9 +277,7 @@ async def test_refused_bodies_on_every_rest_route(
 async def test_odd_but_valid_bodies_on_every_rest_route(server, json_text, content_type) -> None:
     session = await new_session(server.url)
     for method, template in rest_routes(server):
-        status, answer_type, raw = await request(
-            server, method, template, json_text.encode(), session, content_type=content_type
-        )
+        status, answer_type, raw = await request(server, method, template, json_text.encode(), session, content_type=content_type)
         assert_well_formed(status, answer_type, raw, (method, template, content_type, json_text[:200]))
 
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import socketio
 
-from server.keys import SIO
+from server.app_keys import SIO
 from server.settings import Secret
 from tests.conftest import RunningServer, ServerFactory, joined_client
 

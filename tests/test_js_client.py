@@ -42,8 +42,12 @@ async def test_a_node_client_notices_a_shutdown_at_once_and_would_reconnect(tran
 
     server = await ServerProcess({"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "DATA_DIR": str(tmp_path)}).start()
     watcher = await asyncio.create_subprocess_exec(
-        "node", str(PROJECT_ROOT / "tests" / "js" / "shutdown_watch.mjs"), server.url, transports,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "node",
+        str(PROJECT_ROOT / "tests" / "js" / "shutdown_watch.mjs"),
+        server.url,
+        transports,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert (await asyncio.wait_for(watcher.stdout.readline(), 15)).strip() == b"ready"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from server.knowledge import KnowledgeBase, KnowledgeMatch
-from server.providers.base import Finished, ProviderRequest, TextDelta
-from server.providers.local import NO_MATCH, LocalProvider, split_words
+from server.ai.knowledge import KnowledgeBase, KnowledgeMatch
+from server.ai.providers.base import Finished, ProviderRequest, TextDelta
+from server.ai.providers.local import NO_MATCH, LocalProvider, split_words
 
 KB_DIR = Path(__file__).resolve().parent.parent / "config" / "knowledge"
 TOPICS = {"Orders", "Shipping", "Returns", "Refunds", "Payments", "Account"}

@@ -24,8 +24,8 @@ import pytest
 import redis
 import socketio
 
+from devtools.provider_double import ProviderDouble
 from tests.conftest import Recorder
-from tests.fake_providers import ProviderDouble
 from tests.processes import ServerProcess
 from tests.test_processes import rest
 
@@ -131,6 +131,7 @@ def _escalation_triggers(redis_sync: redis.Redis, session_id: str) -> list[str]:
 
 # Item 6: shutdown ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("redis_mode", "how"),
     [("external", "sigterm"), ("embedded", "sigterm"), ("embedded", "ctrl-c")],
@@ -204,8 +205,11 @@ async def test_sigterm_with_idle_sockets_exits_fast(
 
 
 async def test_sigterm_with_a_reply_in_flight_stores_it(
-    servers: Launcher, cluster_env: dict[str, str], connect: Callable[..., Awaitable[Recorder]],
-    double: ProviderDouble, redis_sync: redis.Redis,
+    servers: Launcher,
+    cluster_env: dict[str, str],
+    connect: Callable[..., Awaitable[Recorder]],
+    double: ProviderDouble,
+    redis_sync: redis.Redis,
 ) -> None:
     """A grace shorter than the reply: the partial text is stored as `incomplete` with a system message, not dropped."""
     grace = 1.0
@@ -250,8 +254,11 @@ async def test_sigterm_with_a_reply_in_flight_stores_it(
 
 
 async def test_sigterm_with_a_backlog_exits_by_the_deadline(
-    servers: Launcher, cluster_env: dict[str, str], connect: Callable[..., Awaitable[Recorder]],
-    double: ProviderDouble, redis_sync: redis.Redis,
+    servers: Launcher,
+    cluster_env: dict[str, str],
+    connect: Callable[..., Awaitable[Recorder]],
+    double: ProviderDouble,
+    redis_sync: redis.Redis,
 ) -> None:
     """A backlog does not outlive SHUTDOWN_GRACE nor get worked off; what was stored is answered by the next process."""
     grace, sessions, queued = 2.0, 20, 5
@@ -351,9 +358,13 @@ async def _keep_sending(client: Recorder, session_id: str, prefix: str, first: i
 
 # Item 7: a process killed mid-reply ----------------------------------------------------------------------------------
 
+
 async def test_kill_9_mid_reply_is_finished_by_the_other_process(
-    servers: Launcher, cluster_env: dict[str, str], connect: Callable[..., Awaitable[Recorder]],
-    double: ProviderDouble, redis_sync: redis.Redis,
+    servers: Launcher,
+    cluster_env: dict[str, str],
+    connect: Callable[..., Awaitable[Recorder]],
+    double: ProviderDouble,
+    redis_sync: redis.Redis,
 ) -> None:
     """kill -9 mid-reply: within 10 s the other process finishes or marks it, and the rejoined customer sees it."""
     a = await servers(cluster_env)
@@ -420,8 +431,11 @@ async def test_kill_9_mid_reply_is_finished_by_the_other_process(
 
 
 async def test_restart_after_kill_9_finishes_the_orphaned_reply(
-    servers: Launcher, cluster_env: dict[str, str], connect: Callable[..., Awaitable[Recorder]],
-    double: ProviderDouble, redis_sync: redis.Redis,
+    servers: Launcher,
+    cluster_env: dict[str, str],
+    connect: Callable[..., Awaitable[Recorder]],
+    double: ProviderDouble,
+    redis_sync: redis.Redis,
 ) -> None:
     """kill -9 of the only process mid-reply: the restarted one answers the orphaned message within 10 s."""
     first = await servers(cluster_env)

@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from loguru import logger
 
-from server.keys import HANDOFF
-from server.pages import SOCKETIO_CLIENT, SOCKETIO_INTEGRITY
+from server.app_keys import HANDOFF
+from server.handoff.summary import SUMMARY_LABEL, SUMMARY_PROMPT
 from server.settings import Secret, Settings
-from server.summary import SUMMARY_LABEL, SUMMARY_PROMPT
+from server.web.pages import SOCKETIO_CLIENT, SOCKETIO_INTEGRITY
 from tests.conftest import Recorder, joined_client
 from tests.test_browser import browser, chromium  # noqa: F401 - Chromium fixtures
 
@@ -43,9 +43,10 @@ async def rest(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if raw is not None:
         headers["Content-Type"] = "application/json"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, http.request(
-        method, url, json=body if raw is None else None, data=raw, headers=headers
-    ) as response:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+        http.request(method, url, json=body if raw is None else None, data=raw, headers=headers) as response,
+    ):
         text = await response.text()
         try:
             parsed = json.loads(text)
@@ -70,9 +71,7 @@ async def say(url: str, session_id: str, token: str, message: str, timeout: floa
 
 async def agent_client(url: str) -> Recorder:
     recorder = Recorder("/agents")
-    await recorder.client.connect(
-        url, namespaces=["/agents"], auth={"key": AGENT_KEY}, transports=["websocket"], wait_timeout=5
-    )
+    await recorder.client.connect(url, namespaces=["/agents"], auth={"key": AGENT_KEY}, transports=["websocket"], wait_timeout=5)
     return recorder
 
 
@@ -279,9 +278,12 @@ async def test_non_finite_metadata_is_refused_and_export_stays_valid_json(start_
         raise ValueError(f"not JSON: {constant}")
 
     async def export_text(session_id: str, token: str) -> str:
-        async with aiohttp.ClientSession() as http, http.get(
-            f"{server.url}/api/v1/chat/session/{session_id}/export", headers={"Authorization": f"Bearer {token}"}
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{server.url}/api/v1/chat/session/{session_id}/export", headers={"Authorization": f"Bearer {token}"}
+            ) as response,
+        ):
             assert response.status == 200
             return await response.text()
 

@@ -37,11 +37,22 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(pro
     server = await launch(processes, env)
     st = Path(sys.executable).parent / "st"
     process = await asyncio.create_subprocess_exec(
-        str(st), "run", f"{server.url}/api/v1/openapi.json",
-        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-        "--max-examples", "25", "--seed", "1", "--request-timeout", "10", "--no-color",
-        "-H", "Authorization: Bearer schema-agent-key-3141-59ab",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        str(st),
+        "run",
+        f"{server.url}/api/v1/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "--max-examples",
+        "25",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "10",
+        "--no-color",
+        "-H",
+        "Authorization: Bearer schema-agent-key-3141-59ab",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(process.communicate(), 300)
     text = output.decode(errors="replace")

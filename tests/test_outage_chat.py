@@ -24,8 +24,8 @@ import pytest
 import redis
 import socketio
 
+from devtools.provider_double import ProviderDouble
 from tests.conftest import Recorder, RedisProcess, ServerFactory, joined_client
-from tests.fake_providers import ProviderDouble
 from tests.processes import ServerProcess
 from tests.test_handoff import AGENT_KEYS, agent_call, agent_client
 
@@ -350,8 +350,11 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     )
 
     status, body, headers = await http_json(
-        http, "POST", f"{server.url}/api/v1/chat/message",
-        {"sessionId": stranger["sessionId"], "message": "hello from a token never seen here"}, stranger["token"],
+        http,
+        "POST",
+        f"{server.url}/api/v1/chat/message",
+        {"sessionId": stranger["sessionId"], "message": "hello from a token never seen here"},
+        stranger["token"],
     )
     assert_unavailable_response("REST message with a token this process never verified", status, body, headers)
 
@@ -362,8 +365,11 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
 
     # A session this process knows, with a wrong token: never accepted (401, or 503 while it cannot tell).
     status, body, _ = await http_json(
-        http, "POST", f"{server.url}/api/v1/chat/message",
-        {"sessionId": known["sessionId"], "message": "forged during the outage"}, "y" * 43,
+        http,
+        "POST",
+        f"{server.url}/api/v1/chat/message",
+        {"sessionId": known["sessionId"], "message": "forged during the outage"},
+        "y" * 43,
     )
     assert status in (401, 503) and error_code(body) in ("unauthorized", "unavailable"), (status, body)
 
@@ -374,8 +380,11 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     deadline = time.monotonic() + DEADLINE
     while True:
         status, body, _ = await http_json(
-            http, "POST", f"{server.url}/api/v1/chat/message",
-            {"sessionId": stranger["sessionId"], "message": "hello again after the outage"}, stranger["token"],
+            http,
+            "POST",
+            f"{server.url}/api/v1/chat/message",
+            {"sessionId": stranger["sessionId"], "message": "hello again after the outage"},
+            stranger["token"],
         )
         if status == 200 or time.monotonic() > deadline:
             break
@@ -384,7 +393,10 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     deadline = time.monotonic() + DEADLINE
     while True:  # a pooled connection that broke with the restart may answer `unavailable` once: clients retry
         status, body, _ = await http_json(
-            http, "POST", f"{server.url}/api/v1/chat/message", {"sessionId": made_up["sessionId"], "message": "hi"},
+            http,
+            "POST",
+            f"{server.url}/api/v1/chat/message",
+            {"sessionId": made_up["sessionId"], "message": "hi"},
             made_up["token"],
         )
         if status != 503 or time.monotonic() > deadline:
@@ -505,9 +517,7 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
 
     await asyncio.to_thread(redis_store.stop)
     texts = [f"during the outage {i}" for i in range(3)]
-    acks = [
-        await customer.call("send-message", {"sessionId": session_id, "message": text}, timeout=DEADLINE) for text in texts
-    ]
+    acks = [await customer.call("send-message", {"sessionId": session_id, "message": text}, timeout=DEADLINE) for text in texts]
     assert all(isinstance(a, dict) and a.get("ok") for a in acks), f"acks during the outage: {acks}\n{first.log()[-4000:]}"
     acked_ids = [a["messageId"] for a in acks]
 

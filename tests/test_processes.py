@@ -44,8 +44,10 @@ async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path
     assert health["redis"] == {"status": "ok", "mode": "embedded"}
     _, session = await rest("POST", f"{first.url}/api/v1/chat/session", {"userId": "persist"})
     status, answer = await rest(
-        "POST", f"{first.url}/api/v1/chat/message",
-        {"sessionId": session["sessionId"], "message": "What is your return policy?"}, session["token"],
+        "POST",
+        f"{first.url}/api/v1/chat/message",
+        {"sessionId": session["sessionId"], "message": "What is your return policy?"},
+        session["token"],
     )
     assert status == 200 and answer["reply"]["provider"] == "local" and "30 days" in answer["reply"]["content"]
     await first.stop()

@@ -56,9 +56,7 @@ async def test_cannot_send_or_escalate_without_joining(server: RunningServer, co
 
 
 @pytest.mark.parametrize("payload", [None, "text", 42, [1, 2], {"sessionId": 5, "message": "x"}])
-async def test_bad_payloads_answer_validation_error_by_ack_and_by_chat_error(
-    server: RunningServer, connect, payload
-) -> None:
+async def test_bad_payloads_answer_validation_error_by_ack_and_by_chat_error(server: RunningServer, connect, payload) -> None:
     client = await connect(server.url)
     for event in ("join-chat", "send-message", "escalate"):
         ack = await client.call(event, payload)
@@ -78,9 +76,7 @@ async def test_missing_payload_is_not_ignored(server: RunningServer, connect) ->
 async def test_messages_of_one_session_are_handled_in_order(server: RunningServer, connect, double) -> None:
     double.set_mode("openai", "ok", delay=0.05)
     client, session_id, token = await joined_client(connect, server.url)
-    acks = await asyncio.gather(
-        *(client.call("send-message", {"sessionId": session_id, "message": f"m{i}"}) for i in range(5))
-    )
+    acks = await asyncio.gather(*(client.call("send-message", {"sessionId": session_id, "message": f"m{i}"}) for i in range(5)))
     assert all(a["ok"] for a in acks)
     await client.wait_for("message-received", lambda d: d["message"]["role"] == "assistant", count=5)
     replies = [d["message"]["content"] for d in client.of("message-received") if d["message"]["role"] == "assistant"]
@@ -142,10 +138,12 @@ async def test_context_window_sends_last_n_messages(start_server, connect, doubl
     assert messages[0]["role"] == "system"
     assert [m["content"] for m in messages[1:]] == ["turn 1", "Echo: turn 1", "turn 2", "Echo: turn 2", "turn 3"]
 
+
 async def client_history(server: RunningServer, session_id: str, token: str) -> list[dict]:
     import aiohttp
 
-    async with aiohttp.ClientSession() as http, http.get(
-        f"{server.url}/api/v1/chat/history/{session_id}", headers={"Authorization": f"Bearer {token}"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{server.url}/api/v1/chat/history/{session_id}", headers={"Authorization": f"Bearer {token}"}) as response,
+    ):
         return (await response.json())["messages"]

@@ -8,8 +8,8 @@ import time
 
 import orjson
 
-from server.keys import SESSIONS
-from server.sessions import ReplyLease, new_id, now_iso
+from server.app_keys import SESSIONS
+from server.storage.sessions import ReplyLease, new_id, now_iso
 
 
 async def orphaned_message(server, redis_sync, text: str, *, attempt: int = 1) -> tuple[str, str, str]:

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 
-from server.keys import SIO
+from server.app_keys import SIO
 from tests.conftest import RunningServer, ServerFactory
 from tests.processes import ServerProcess, rss_mb
 from tests.test_input_limits import RawSocket
@@ -274,9 +274,7 @@ async def test_health_and_metrics_report_engineio_connections(start_server: Serv
 
 async def test_bare_connection_flood_is_limited_and_reaped(processes: list[ServerProcess], redis_url: str) -> None:
     """1,500 polling handshakes from one IP: 200 admitted (the limit), the rest 429; all reaped; RSS < 30 MB up."""
-    server = await launch(
-        processes, redis_url, RATE_LIMIT_CONNECTIONS_PER_MINUTE="200", SOCKET_CONNECT_TIMEOUT="1"
-    )
+    server = await launch(processes, redis_url, RATE_LIMIT_CONNECTIONS_PER_MINUTE="200", SOCKET_CONNECT_TIMEOUT="1")
     assert server.process is not None
     before = rss_mb(server.process.pid)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as http:
@@ -325,8 +323,7 @@ async def test_slow_request_bodies_time_out(start_server: ServerFactory) -> None
     host, port = server.server.host, server.server.port
     assert port is not None
     rest_head = (
-        b"POST /api/v1/chat/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 60000\r\n\r\n{"
+        b"POST /api/v1/chat/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n{"
     )
     async with aiohttp.ClientSession() as http:
         _, sid = await polling_handshake(http, server.url)
@@ -334,17 +331,13 @@ async def test_slow_request_bodies_time_out(start_server: ServerFactory) -> None
         f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n"
         "Content-Type: text/plain\r\nContent-Length: 15000\r\n\r\n4"
     ).encode()
-    answers = await asyncio.gather(
-        *(trickle(host, port, rest_head, 6) for _ in range(50)), trickle(host, port, socket_head, 6)
-    )
+    answers = await asyncio.gather(*(trickle(host, port, rest_head, 6) for _ in range(50)), trickle(host, port, socket_head, 6))
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"<still open>" not in answer
 
 
-async def test_slow_request_headers_time_out_when_serving_directly(
-    processes: list[ServerProcess], redis_url: str
-) -> None:
+async def test_slow_request_headers_time_out_when_serving_directly(processes: list[ServerProcess], redis_url: str) -> None:
     server = await launch(processes, redis_url, HTTP_KEEPALIVE_TIMEOUT="1")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:

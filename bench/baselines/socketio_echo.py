@@ -18,7 +18,7 @@ import socketio
 import uvloop
 from aiohttp import web
 
-from server.middleware import no_ws_compression_middleware
+from server.web.middleware import no_ws_compression_middleware
 
 
 def build(redis_url: str | None, ws_compression: bool = False) -> web.Application:

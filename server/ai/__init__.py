@@ -1,0 +1,1 @@
+"""Answers from models: the provider chain with its breakers and watchdog, the providers, the knowledge base."""

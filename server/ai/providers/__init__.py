@@ -1,0 +1,1 @@
+"""One file per provider behind the small async interface in `base.py`."""

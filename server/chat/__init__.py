@@ -1,0 +1,1 @@
+"""A visitor's turn: ordering, the prompt, the provider call, streaming, storing and escalation rules."""

@@ -1,0 +1,229 @@
+"""Token budgets no one visitor can spend, and a prompt that fits its token cap.
+
+Every paid provider call is charged, before it is made, to three counters for the UTC day: everyone's, the
+visitor's (userId) and the client address's, in one Lua step (SessionManager.charge_budgets), so the limits hold
+across processes and concurrent calls: a call is made only when its reservation fits every counter. The
+reservation is the prompt's estimated size plus REPLY_RESERVE_TOKENS; once the provider reports its usage, the
+counters are corrected by the difference (settle). A visitor or address over its budget, and everyone once
+today's total reaches TOKEN_BUDGET_DEGRADE_AT of TOKEN_BUDGET_PER_DAY, is answered by the local knowledge base
+only: never switched off. The per-session budget keeps its old meaning (the budget message and a person).
+
+Token counts are estimated, not tokenized: no maintained tokenizer ships its vocabulary offline (tiktoken's
+wheel downloads its BPE files at run time, and Gemini's tokenizer is a network call), so a text counts as its
+UTF-8 bytes / 3, rounded up, plus TURN_OVERHEAD_TOKENS. English runs at about 4 bytes per token in GPT and Gemini
+vocabularies and CJK at about 3, so the estimate is on the high side for natural text; budgets themselves are
+charged with the provider's own count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from server.ai.providers.base import ChatTurn, ProviderRequest
+from server.ops.metrics import Metrics
+from server.storage.sessions import REDIS_DOWN, SessionManager, utc_day
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+BYTES_PER_TOKEN = 3
+TURN_OVERHEAD_TOKENS = 4  # role markers and separators around each message
+REPLY_RESERVE_TOKENS = 800  # reserved for the answer of each paid call, until the provider reports its usage
+COUNTER_TTL_SECONDS = 2 * 86_400  # a day's counters (and its address salt) outlive midnight by a day
+MIN_MESSAGE_BYTES = 200  # a message is never cut below this, even when the system prompt leaves no room
+SCOPES = ("day", "visitor", "ip")  # in the order of the counters charged
+OWNERS_KEPT = 20_000  # sessions whose counter names are remembered
+
+
+def estimate_tokens(text: str) -> int:
+    """A cautious token count for one message: UTF-8 bytes / 3, rounded up, plus the per-message overhead."""
+    return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN) + TURN_OVERHEAD_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """The budgets and the prompt cap, from settings (0 means no limit)."""
+
+    per_session: int = 200_000
+    per_day: int = 5_000_000
+    per_visitor: int = 250_000
+    per_ip: int = 1_000_000
+    degrade_at: float = 0.8
+    max_prompt_tokens: int = 3000
+    reply_reserve: int = REPLY_RESERVE_TOKENS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BudgetPolicy:
+        """The policy the operator configured."""
+        return cls(
+            per_session=settings.token_budget_per_session,
+            per_day=settings.token_budget_per_day,
+            per_visitor=settings.token_budget_per_visitor,
+            per_ip=settings.token_budget_per_ip,
+            degrade_at=settings.token_budget_degrade_at,
+            max_prompt_tokens=settings.max_prompt_tokens,
+        )
+
+    @property
+    def degrade_threshold(self) -> int:
+        """Today's total from which everyone is answered by the knowledge base (0: never)."""
+        if self.per_day <= 0:
+            return 0
+        return max(1, int(self.per_day * min(1.0, max(0.0, self.degrade_at))))
+
+
+@dataclass(frozen=True, slots=True)
+class FittedPrompt:
+    """A provider request within the prompt cap, and what had to go to get it there."""
+
+    request: ProviderRequest
+    tokens: int
+    dropped_turns: int = 0
+    truncated: bool = False
+
+
+def fit_prompt(system_prompt: str, history: Sequence[ChatTurn], message: str, max_tokens: int) -> FittedPrompt:
+    """Drop the oldest turns (then cut the message's end) until system prompt + history + message fit the cap.
+
+    The history sent never starts with an assistant turn. The system prompt is never cut: the cap assumes it
+    fits well within it (a message is kept to at least MIN_MESSAGE_BYTES whatever the prompt's size).
+    """
+    turns = list(history)
+    costs = [estimate_tokens(t.content) for t in turns]
+    fixed = estimate_tokens(system_prompt) + estimate_tokens(message)
+    total = fixed + sum(costs)
+    if max_tokens <= 0 or total <= max_tokens:
+        return FittedPrompt(ProviderRequest(system_prompt, turns, message), total)
+    drop = 0
+    while drop < len(turns) and (total > max_tokens or turns[drop].role != "user"):
+        total -= costs[drop]
+        drop += 1
+    truncated = False
+    if total > max_tokens:
+        room = (max_tokens - estimate_tokens(system_prompt) - TURN_OVERHEAD_TOKENS) * BYTES_PER_TOKEN
+        message = message.encode("utf-8")[: max(MIN_MESSAGE_BYTES, room)].decode("utf-8", "ignore")
+        truncated = True
+        total = estimate_tokens(system_prompt) + estimate_tokens(message)
+    return FittedPrompt(ProviderRequest(system_prompt, turns[drop:], message), total, drop, truncated)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What one message may spend: paid providers (with the tokens reserved for it) or the knowledge base only."""
+
+    local_only: bool
+    scope: str | None = None  # the budget that ruled paid providers out: day, visitor or ip
+    keys: tuple[str, ...] = ()
+    reserved: int = 0
+
+
+class Budgets:
+    """Charges provider tokens to today's global, visitor and client-address counters; degrades, never stops."""
+
+    def __init__(self, sessions: SessionManager, policy: BudgetPolicy, metrics: Metrics) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.metrics = metrics
+        self._salt: tuple[str, str] | None = None  # (day, salt) for client-address counter names
+        # (session, day) -> (visitor, address) counter names: a session's visitor and address never change, so
+        # they are read once a day per session instead of before every paid call (a round trip in profiles).
+        self._owners: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+        self.degraded = False  # as today's last check in this process found: everyone on the knowledge base
+
+    def session_spent(self, session_tokens: int) -> bool:
+        """Whether the session used up its own budget (the budget message and a person, as before)."""
+        return 0 < self.policy.per_session <= session_tokens
+
+    def fit(self, system_prompt: str, history: Sequence[ChatTurn], message: str) -> FittedPrompt:
+        """The request within MAX_PROMPT_TOKENS, counted in the metrics when something had to go."""
+        fitted = fit_prompt(system_prompt, history, message, self.policy.max_prompt_tokens)
+        if fitted.dropped_turns or fitted.truncated:
+            self.metrics.prompt_trimmed.inc()
+        return fitted
+
+    async def admit(self, session_id: str, prompt_tokens: int) -> Admission:
+        """Reserve a paid call's tokens on every counter, or say which budget leaves only the knowledge base.
+
+        Fails open while Redis is unreachable (as the rate limits do): an outage must not stop answers.
+        """
+        reserve = prompt_tokens + self.policy.reply_reserve
+        day = utc_day()
+        try:
+            visitor, address = await self._owners_of(session_id, day)
+            counters = [(self.sessions.budget_key(day), self.policy.degrade_threshold)]
+            counters.append((self.sessions.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")))
+            counters.append((self.sessions.budget_key(day, "ip", address or "-"), self._limit(address, "ip")))
+            refused, used, first = await self.sessions.charge_budgets(counters, reserve, COUNTER_TTL_SECONDS)
+        except REDIS_DOWN as err:
+            logger.warning("session {}: token budgets not checked (redis unreachable: {})", session_id, type(err).__name__)
+            return Admission(local_only=False)
+        self.metrics.tokens_today.set(used)
+        self.degraded = refused == 1
+        self.metrics.budget_degraded.set(1 if self.degraded else 0)
+        if refused == 0:
+            return Admission(False, None, tuple(key for key, limit in counters if limit >= 0), reserve)
+        scope = SCOPES[refused - 1]
+        self.metrics.budget_limited.labels(scope).inc()
+        if first and scope == "day":
+            logger.warning(
+                "token budget: {} of {} tokens used today (degrade at {:.0%}): everyone is answered from the "
+                "knowledge base until midnight UTC",
+                used,
+                self.policy.per_day,
+                self.policy.degrade_at,
+            )
+        elif first:
+            logger.warning(
+                "token budget: a {} budget is spent (session {}): its conversations are answered from the "
+                "knowledge base until midnight UTC",
+                scope,
+                session_id,
+            )
+        return Admission(True, scope)
+
+    async def settle(self, admission: Admission, tokens_used: int) -> None:
+        """Replace a call's reservation by what the provider reported using (0 when it was never made)."""
+        difference = tokens_used - admission.reserved
+        if not admission.keys or difference == 0:
+            return
+        try:
+            used = await self.sessions.settle_budgets(admission.keys, difference, COUNTER_TTL_SECONDS)
+        except REDIS_DOWN as err:
+            logger.warning("could not settle a token reservation (redis unreachable: {})", type(err).__name__)
+            return
+        self.metrics.tokens_today.set(used)
+
+    def _limit(self, owner: str, scope: str) -> int:
+        """The counter's limit for the script: -1 when there is nobody to charge."""
+        if not owner:
+            return -1
+        return self.policy.per_visitor if scope == "visitor" else self.policy.per_ip
+
+    async def _owners_of(self, session_id: str, day: str) -> tuple[str, str]:
+        """The session's visitor and client-address counter names for `day` (cached, bounded)."""
+        key = (session_id, day)
+        owners = self._owners.get(key)
+        if owners is not None:
+            self._owners.move_to_end(key)
+            return owners
+        fields = await self.sessions.session_fields(session_id, "userId", "clientIp")
+        user_id, client_ip = fields.get("userId"), fields.get("clientIp")
+        visitor = hashlib.sha256(user_id.encode()).hexdigest()[:32] if user_id else ""
+        address = await self._address(day, client_ip) if client_ip else ""
+        self._owners[key] = (visitor, address)
+        if len(self._owners) > OWNERS_KEPT:
+            self._owners.popitem(last=False)
+        return visitor, address
+
+    async def _address(self, day: str, client_ip: str) -> str:
+        """The client address as a counter name: keyed with the day's salt, so it can't be read back later."""
+        if self._salt is None or self._salt[0] != day:
+            self._salt = (day, await self.sessions.budget_salt(day, COUNTER_TTL_SECONDS))
+        return hmac.new(self._salt[1].encode(), client_ip.encode(), hashlib.sha256).hexdigest()[:32]

@@ -1,0 +1,180 @@
+"""Publishing a reply while it is written: coalesced chunks to the room, the text so far in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from loguru import logger
+
+from server.storage.sessions import SessionManager
+
+
+class Broadcaster(Protocol):
+    """Where session events go: every socket in the session's room, on every process."""
+
+    async def emit(self, event: str, data: dict[str, Any], room: str, namespace: str = "/") -> None:
+        """Send one event to a room of a namespace."""
+
+
+TRICKLE_GAP_SECONDS = 0.002  # deltas further apart than this were waited for: the provider is writing as it goes
+
+ReplyListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class ReplyStream:
+    """Coalesces deltas (at most every `flush_ms`, or at `flush_chars`) so a fast model is not one event per token."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        message_id: str,
+        sessions: SessionManager,
+        broadcaster: Broadcaster,
+        flush_ms: int,
+        flush_chars: int,
+        listener: ReplyListener | None = None,
+        snapshots: bool = True,
+        first_index: int = 0,
+        reset_first: bool = False,
+    ) -> None:
+        self.session_id = session_id
+        self.message_id = message_id
+        self.provider: str | None = None
+        self.text = ""
+        self._sessions = sessions
+        self._broadcaster = broadcaster
+        self._flush_seconds = max(0, flush_ms) / 1000
+        self._flush_chars = max(1, flush_chars)
+        self._listener = listener
+        self._snapshots = snapshots
+        self._pending = ""
+        self._pending_reset = reset_first
+        self._index = first_index - 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_flush: asyncio.Task[None] | None = None
+        self._trickling = False
+        self._last_delta_at = 0.0
+        self._delta_gap = 0.0
+        self._lock = asyncio.Lock()
+        self.snapshot_saved = False
+
+    @property
+    def written(self) -> dict[str, Any] | None:
+        """What the room has been sent so far (`messageId`, `text`, `index`), for a socket joining mid-reply."""
+        if not self.text:
+            return None
+        return {"messageId": self.message_id, "text": self.text, "index": self._index}
+
+    @property
+    def chunks_sent(self) -> int:
+        """How many chunk events went out (a taken-over reply counts from where it resumed)."""
+        return self._index + 1
+
+    async def add(self, delta: str, provider: str, reset: bool) -> None:
+        """Take one delta; flush now when enough waits, else within `flush_ms`."""
+        if reset:
+            await self.flush()
+            self.text = ""
+            self._pending_reset = True
+        self.provider = provider
+        now = asyncio.get_running_loop().time()
+        self._delta_gap, self._last_delta_at = now - self._last_delta_at, now
+        self._pending += delta
+        if len(self._pending) >= self._flush_chars or self._flush_seconds == 0:
+            await self.flush()
+        elif self._timer is None:
+            # A timer handle, and a task only if it fires: most short replies end before it does.
+            self._timer = asyncio.get_running_loop().call_later(self._flush_seconds, self._flush_due)
+
+    async def pace(self) -> None:
+        """For a reply that trickles in, wait for the pending flush before reading on.
+
+        Once a timer has had to flush (the answer is slower than `flush_ms`), nothing is sent before the next
+        flush anyway; meanwhile the provider's tokens gather in the socket and are then read and parsed in one
+        go instead of waking the reply once per token (100 streams at 100 tokens/s: a large share of the CPU).
+        A fast answer never waits here, nor one whose deltas come back to back (already read, only slowed down by
+        a busy process).
+        """
+        if self._trickling and self._timer is not None and self._delta_gap >= TRICKLE_GAP_SECONDS:
+            due = self._timer.when()
+            self._timer.cancel()  # this task flushes at the due time itself: no timer task per chunk
+            self._timer = None
+            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+            await self._flush_in_time()
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        self._trickling = True
+        self._timed_flush = asyncio.create_task(self._flush_in_time())
+
+    async def _flush_in_time(self) -> None:
+        """A flush the timer (or pacing) asked for: a failed emit is logged, as the reply itself carries on."""
+        try:
+            await self.flush()
+        except Exception as err:  # a failed emit must not become an orphan task error
+            logger.warning("session {}: chunk flush failed: {}", self.session_id, type(err).__name__)
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Send what waits as one chunk; the snapshot first, so a rejoin never misses text it was not sent.
+
+        The final flush skips the snapshot: the whole message is stored right after it, and a socket that
+        joins in between is already in the room when `message-received` goes out.
+        """
+        async with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._pending:
+                return
+            delta, self._pending = self._pending, ""
+            reset, self._pending_reset = self._pending_reset, False
+            self._index += 1
+            self.text += delta
+            payload = {
+                "sessionId": self.session_id,
+                "messageId": self.message_id,
+                "index": self._index,
+                "delta": delta,
+                "provider": self.provider,
+                "reset": reset,
+            }
+            try:
+                if self._snapshots and not final:
+                    await self._sessions.save_in_flight(
+                        self.session_id, self.message_id, self.text, self._index, self.provider or ""
+                    )
+                    self.snapshot_saved = True
+            except Exception as err:  # the snapshot only serves rejoins; the live chunk still goes out
+                logger.warning("session {}: could not save streamed text: {}", self.session_id, type(err).__name__)
+            await self._broadcaster.emit("message-chunk", payload, self.session_id)
+            await self.notify("chunk", payload)
+
+    async def interrupted(self, provider: str, reason: str) -> None:
+        """Tell the room at once that a provider broke off mid-answer."""
+        await self.flush()
+        payload = {"sessionId": self.session_id, "messageId": self.message_id, "provider": provider, "reason": reason}
+        await self._broadcaster.emit("message-interrupted", payload, self.session_id)
+        await self.notify("interrupted", payload)
+
+    async def notify(self, kind: str, payload: dict[str, Any]) -> None:
+        """Tell the direct listener (an SSE client); one that went away never stops the reply."""
+        if self._listener is None:
+            return
+        try:
+            await self._listener(kind, payload)
+        except Exception:
+            self._listener = None
+
+    async def close(self) -> None:
+        """Send the tail and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timed_flush is not None and not self._timed_flush.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timed_flush
+        await self.flush(final=True)

@@ -1,0 +1,1 @@
+"""People taking over: the agents' queue and claims, tickets, timers, summaries and who is an agent."""

@@ -1,0 +1,1 @@
+"""What operators read: health, Prometheus metrics and logs."""

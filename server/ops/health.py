@@ -1,0 +1,121 @@
+"""The health answer: enough for an operator or a load balancer, never a secret."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from server import __version__
+from server.ai.chain import ProviderChain
+from server.storage.sessions import SessionManager
+from server.storage.write_behind import WriteBehindStore
+
+
+class HealthService:
+    """Builds the contract's health object from the live parts."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        redis_mode: str,
+        sessions: SessionManager,
+        chain: ProviderChain,
+        connected_clients: Callable[[], int],
+        instance_id: str,
+        pubsub_healthy: Callable[[], bool] | None = None,
+        token_budget_per_day: int = 0,
+        write_behind: WriteBehindStore | None = None,
+        engine_connections: Callable[[], int] | None = None,
+        prune_every: float = 60.0,
+    ) -> None:
+        self._redis = redis
+        self._redis_mode = redis_mode
+        self._sessions = sessions
+        self._chain = chain
+        self._connected_clients = connected_clients
+        self._instance_id = instance_id
+        self._pubsub_healthy = pubsub_healthy
+        self._token_budget_per_day = token_budget_per_day
+        self._write_behind = write_behind
+        self._engine_connections = engine_connections
+        self._started = time.monotonic()
+        self._prune_every = prune_every
+        self._pruned_at: float | None = None
+
+    async def ready(self) -> dict[str, Any]:
+        """Whether this process can serve: Redis answers and, when scaled out, pub/sub delivers."""
+        try:
+            redis_ok = bool(await self._redis.ping())
+        except (OSError, aioredis.RedisError, TimeoutError):
+            redis_ok = False
+        pubsub_ok = self._pubsub_healthy is None or self._pubsub_healthy()
+        return {
+            "ready": redis_ok and pubsub_ok,
+            "redis": "ok" if redis_ok else "down",
+            "pubsub": None if self._pubsub_healthy is None else ("ok" if pubsub_ok else "degraded"),
+            "instanceId": self._instance_id,
+        }
+
+    async def report(self) -> dict[str, Any]:
+        """`ok`, `degraded` (no provider usable) or `down` (Redis unreachable)."""
+        usage: dict[str, int] = {}
+        active_sessions = 0
+        tokens_today = 0
+        try:
+            await self._redis.ping()
+            redis_status = "ok"
+            usage = await self._sessions.provider_usage()
+            active_sessions = await self._active_sessions()
+            tokens_today = await self._sessions.tokens_today()
+        except (OSError, aioredis.RedisError, TimeoutError):
+            redis_status = "down"
+        providers = [
+            {
+                "name": p.name,
+                "configured": p.configured,
+                "model": p.model,
+                "state": self._chain.breakers[p.name].state,
+                "requests": usage.get(f"{p.name}:requests", 0),
+                "failures": usage.get(f"{p.name}:failures", 0),
+            }
+            for p in self._chain.providers
+        ]
+        usable = [p for p in providers if p["configured"] and p["state"] != "open"]
+        buffered = self._write_behind.depth if self._write_behind is not None else 0
+        buffer_full = self._write_behind is not None and buffered >= self._write_behind.capacity
+        if buffer_full or (redis_status != "ok" and self._write_behind is None):
+            status = "down"
+        elif redis_status != "ok" or buffered or not usable or (self._pubsub_healthy is not None and not self._pubsub_healthy()):
+            status = "degraded"  # chats go on: replies are produced and messages wait in the buffer
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "version": __version__,
+            "uptimeSeconds": round(time.monotonic() - self._started, 1),
+            "instanceId": self._instance_id,
+            "redis": {"status": redis_status, "mode": self._redis_mode},
+            "pubsub": None if self._pubsub_healthy is None else ("ok" if self._pubsub_healthy() else "degraded"),
+            "providers": providers,
+            "writeBehind": {"depth": buffered, "capacity": self._write_behind.capacity if self._write_behind else 0},
+            "activeSessions": active_sessions,
+            "tokens": {"today": tokens_today, "budgetPerDay": self._token_budget_per_day},
+            "connectedClients": self._connected_clients(),
+            **({} if self._engine_connections is None else {"engineConnections": self._engine_connections()}),
+        }
+
+    async def _active_sessions(self) -> int:
+        """Active sessions by a read (ZCOUNT); expired entries are pruned (a write) at most every `prune_every` s.
+
+        Health is public, so an anonymous GET must not cost a Redis write each time.
+        """
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= self._prune_every:
+            self._pruned_at = now
+            return await self._sessions.active_sessions()
+        cutoff = (time.time() - self._sessions.ttl_seconds) * 1000
+        return int(await self._redis.zcount(self._sessions._ACTIVE_KEY, f"({cutoff}", "+inf"))

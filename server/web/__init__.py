@@ -1,0 +1,1 @@
+"""The HTTP edge: REST routes, pages, the OpenAPI document, middleware and per-client limits."""

@@ -1,0 +1,72 @@
+"""Abuse limits kept in Redis so they hold across processes, and the client address they apply to."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from server.errors import ApiError
+from server.storage.sessions import SessionManager
+from server.storage.write_behind import REDIS_DOWN
+
+
+class RateLimits:
+    """Sessions per IP, messages per session and socket connections per IP, per minute."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        *,
+        sessions_per_minute: int,
+        messages_per_minute: int,
+        connections_per_minute: int,
+        trusted_proxies: tuple[str, ...],
+        events_per_minute: int = 0,
+    ) -> None:
+        self._sessions = sessions
+        self.sessions_per_minute = sessions_per_minute
+        self.messages_per_minute = messages_per_minute
+        self.connections_per_minute = connections_per_minute
+        self.events_per_minute = events_per_minute
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+
+    def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The peer address, or the first untrusted hop of X-Forwarded-For when the peer is a trusted proxy."""
+        address = peer or "unknown"
+        if not forwarded_for or not self._is_trusted(address):
+            return address
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else address
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
+
+    async def check_session_creation(self, ip: str) -> None:
+        """Raise rate_limited when this address opened too many sessions this minute."""
+        await self._check(f"sessions:{ip}", self.sessions_per_minute, "Too many new conversations")
+
+    async def check_message(self, session_id: str) -> None:
+        """Raise rate_limited when this session sent too many messages this minute."""
+        await self._check(f"messages:{session_id}", self.messages_per_minute, "Too many messages")
+
+    async def check_event(self, session_id: str) -> None:
+        """Raise rate_limited when this session sent too many other events (escalate, feedback, ...) this minute."""
+        await self._check(f"events:{session_id}", self.events_per_minute, "Too many requests")
+
+    async def check_connection(self, ip: str) -> None:
+        """Raise rate_limited when this address opened too many sockets this minute."""
+        await self._check(f"connections:{ip}", self.connections_per_minute, "Too many connections")
+
+    async def _check(self, bucket: str, limit: int, what: str) -> None:
+        try:
+            wait = await self._sessions.over_limit(bucket, limit)
+        except REDIS_DOWN:  # fail open: an outage must not stop conversations
+            return
+        if wait is not None:
+            raise ApiError("rate_limited", f"{what}; try again in {wait:.0f} s.", retry_after=wait)
