@@ -8,7 +8,7 @@ this process (the clients) runs on core 1.
   2 shutdown with a reply streaming, SHUTDOWN_GRACE=1: SIGTERM -> process exit
   3 kill -9 mid-reply, two processes on one Redis: kill -> the other took the reply over, -> it stored the answer
   4 Spool.write of a buffered message (~400 bytes, fsync) on DATA_DIR's disk
-  5 the per-message Lua scripts with and without the reply lease (SessionManager.append / finish_reply)
+  5 the per-message Lua scripts with and without the reply lease (MessageStore.append / finish_reply)
 
 Each figure is the median of --reps runs. Writes bench/results/reliability.md and reliability.json.
 Usage: .venv/bin/python bench/reliability.py [--reps 3]
@@ -179,8 +179,10 @@ def is_answered(answers: list[dict[str, Any]]) -> bool:
 
 
 def history_key(session_id: str) -> str:
-    """SessionManager's history list of a session."""
-    return f"chat:history:{{{session_id}}}"
+    """The history list of a session (as server/storage/keys.py names it)."""
+    from server.storage import keys
+
+    return keys.history(session_id)
 
 
 # 1. Shutdown with idle sockets -------------------------------------------------------------------------------------
@@ -402,10 +404,12 @@ async def _evalsha_stats(client: Any) -> tuple[int, int]:
 async def _lua_costs(redis_url: str, calls: int) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
-    from server.storage.sessions import ReplyLease, SessionManager, now_iso
+    from server.contract import now_iso
+    from server.storage.bundle import Storage
+    from server.storage.messages import ReplyLease
 
     client = aioredis.Redis.from_url(redis_url)
-    sessions = SessionManager(client, ttl_seconds=1800)
+    storage = Storage.open(client, ttl_seconds=1800)
     owner = "bench-owner"
 
     def message(session_id: str, role: str, reply_to: str | None = None) -> dict[str, Any]:
@@ -423,7 +427,7 @@ async def _lua_costs(redis_url: str, calls: int) -> dict[str, Any]:
     async def one(kind: str, session_id: str) -> None:
         if kind == "finish":
             reply = message(session_id, "assistant", reply_to=str(uuid.uuid4()))
-            await sessions.finish_reply(
+            await storage.messages.finish_reply(
                 session_id,
                 [reply],
                 streamed_id=reply["id"],
@@ -435,19 +439,19 @@ async def _lua_costs(redis_url: str, calls: int) -> dict[str, Any]:
             )
         else:
             lease = ReplyLease(owner, str(uuid.uuid4()), 5.0) if kind == "lease" else None
-            await sessions.append(session_id, message(session_id, "user"), context_size=CONTEXT_SIZE, lease=lease)
+            await storage.messages.append(session_id, message(session_id, "user"), context_size=CONTEXT_SIZE, lease=lease)
 
     kinds = ("plain", "lease", "finish")
     round_trip: dict[str, list[float]] = {k: [] for k in kinds}
     in_redis: dict[str, list[float]] = {k: [] for k in kinds}
     try:
-        session_id = (await sessions.create("bench-warm-up", {}))[0].id
+        session_id = (await storage.sessions.create("bench-warm-up", {}))[0].id
         for _ in range(20):  # load the scripts, warm the connection
             for kind in kinds:
                 await one(kind, session_id)
         for block in range(calls // LUA_BLOCK):
             if block % LUA_ROUNDS_PER_SESSION == 0:
-                session_id = (await sessions.create(f"bench-{block}", {}))[0].id
+                session_id = (await storage.sessions.create(f"bench-{block}", {}))[0].id
             for kind in kinds[block % 3 :] + kinds[: block % 3]:  # each kind first, second and third in turn
                 calls_before, usec_before = await _evalsha_stats(client)
                 for _ in range(LUA_BLOCK):
@@ -594,7 +598,7 @@ def build_figures(runs: dict[str, Any]) -> list[dict[str, Any]]:
         f"({spool.get('directory', '?')}), filesystem {spool.get('filesystem', '?')}",
     )
     lua_how = (
-        f"SessionManager on redis.asyncio against a real redis-server (v{runs.get('redisVersion', '?')}), "
+        f"MessageStore on redis.asyncio against a real redis-server (v{runs.get('redisVersion', '?')}), "
         f"{LUA_CALLS} calls of each kind interleaved in blocks of {LUA_BLOCK} (order rotated), context_size="
         f"{CONTEXT_SIZE}; round trip = client-side median; in Redis = INFO commandstats evalsha µs/call, "
         "median over blocks"
@@ -673,7 +677,7 @@ def main() -> None:
     busy = [p for p in (REDIS_PORT, DOUBLE_PORT, IDLE_PORT, IN_FLIGHT_PORT, *TAKEOVER_PORTS) if not port_free(p)]
     if busy:
         sys.exit(f"ports {busy} are in use (is `make bench` or another reliability run going on?); not starting")
-    sys.path.insert(0, str(ROOT))  # for server.storage.spool and server.storage.sessions
+    sys.path.insert(0, str(ROOT))  # for server.storage
     started = time.monotonic()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stack = Stack(ROOT)  # the Node peer is not used here; its path only ends up in the servers' environment

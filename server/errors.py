@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.storage import errors as storage_errors
+
 STATUS_BY_CODE: dict[str, int] = {
     "validation_error": 400,
     "unauthorized": 401,
@@ -53,6 +55,30 @@ def storage_unavailable(retry_after: float = 2) -> ApiError:
 def unauthorized() -> ApiError:
     """One answer for a missing token, a wrong token and an unknown session: it reveals nothing."""
     return ApiError("unauthorized", "A valid session token is required.")
+
+
+def api_error_from(exc: BaseException) -> ApiError | None:
+    """The contract error a failure is answered with at the edges (REST and Socket.IO); None for an unexpected one.
+
+    Storage raises its own exceptions (server/storage/errors.py): this is the one place they become contract errors.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, storage_errors.SessionGone):
+        return ApiError("not_found", "The session has ended.")
+    if isinstance(exc, storage_errors.TokenRefused):
+        return unauthorized()
+    if isinstance(exc, storage_errors.MessageUnknown):
+        return ApiError("validation_error", "Unknown message id.", {exc.field: "No such message in this session."})
+    if isinstance(exc, storage_errors.ReplyUnknown):
+        return ApiError("not_found", "No such reply in this session.")
+    if isinstance(exc, storage_errors.BadCursor):
+        return ApiError("validation_error", "Invalid cursor.", {"cursor": "Not a cursor this server gave."})
+    if isinstance(exc, storage_errors.BufferFull):
+        return storage_unavailable(retry_after=exc.retry_after)
+    if isinstance(exc, storage_errors.STORAGE_DOWN):
+        return storage_unavailable()
+    return None
 
 
 def validation_error(details: dict[str, Any], message: str = "The request is not valid.") -> ApiError:

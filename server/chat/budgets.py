@@ -1,7 +1,7 @@
 """Token budgets no one visitor can spend, and a prompt that fits its token cap.
 
 Every paid provider call is charged, before it is made, to three counters for the UTC day: everyone's, the
-visitor's (userId) and the client address's, in one Lua step (SessionManager.charge_budgets), so the limits hold
+visitor's (userId) and the client address's, in one Lua step (RateLimitStore.charge_budgets), so the limits hold
 across processes and concurrent calls: a call is made only when its reservation fits every counter. The
 reservation is the prompt's estimated size plus REPLY_RESERVE_TOKENS; once the provider reports its usage, the
 counters are corrected by the difference (settle). A visitor or address over its budget, and everyone once
@@ -28,7 +28,10 @@ from loguru import logger
 
 from server.ai.providers.base import ChatTurn, ProviderRequest
 from server.ops.metrics import Metrics
-from server.storage.sessions import REDIS_DOWN, SessionManager, utc_day
+from server.storage.errors import STORAGE_DOWN
+from server.storage.keys import utc_day
+from server.storage.rate_limits import RateLimitStore
+from server.storage.sessions import SessionStore
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -127,7 +130,8 @@ class Admission:
 class Budgets:
     """Charges provider tokens to today's global, visitor and client-address counters; degrades, never stops."""
 
-    def __init__(self, sessions: SessionManager, policy: BudgetPolicy, metrics: Metrics) -> None:
+    def __init__(self, limits: RateLimitStore, sessions: SessionStore, policy: BudgetPolicy, metrics: Metrics) -> None:
+        self.limits = limits
         self.sessions = sessions
         self.policy = policy
         self.metrics = metrics
@@ -157,11 +161,11 @@ class Budgets:
         day = utc_day()
         try:
             visitor, address = await self._owners_of(session_id, day)
-            counters = [(self.sessions.budget_key(day), self.policy.degrade_threshold)]
-            counters.append((self.sessions.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")))
-            counters.append((self.sessions.budget_key(day, "ip", address or "-"), self._limit(address, "ip")))
-            refused, used, first = await self.sessions.charge_budgets(counters, reserve, COUNTER_TTL_SECONDS)
-        except REDIS_DOWN as err:
+            counters = [(self.limits.budget_key(day), self.policy.degrade_threshold)]
+            counters.append((self.limits.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")))
+            counters.append((self.limits.budget_key(day, "ip", address or "-"), self._limit(address, "ip")))
+            refused, used, first = await self.limits.charge_budgets(counters, reserve, COUNTER_TTL_SECONDS)
+        except STORAGE_DOWN as err:
             logger.warning("session {}: token budgets not checked (redis unreachable: {})", session_id, type(err).__name__)
             return Admission(local_only=False)
         self.metrics.tokens_today.set(used)
@@ -194,8 +198,8 @@ class Budgets:
         if not admission.keys or difference == 0:
             return
         try:
-            used = await self.sessions.settle_budgets(admission.keys, difference, COUNTER_TTL_SECONDS)
-        except REDIS_DOWN as err:
+            used = await self.limits.settle_budgets(admission.keys, difference, COUNTER_TTL_SECONDS)
+        except STORAGE_DOWN as err:
             logger.warning("could not settle a token reservation (redis unreachable: {})", type(err).__name__)
             return
         self.metrics.tokens_today.set(used)
@@ -213,7 +217,7 @@ class Budgets:
         if owners is not None:
             self._owners.move_to_end(key)
             return owners
-        fields = await self.sessions.session_fields(session_id, "userId", "clientIp")
+        fields = await self.sessions.fields(session_id, "userId", "clientIp")
         user_id, client_ip = fields.get("userId"), fields.get("clientIp")
         visitor = hashlib.sha256(user_id.encode()).hexdigest()[:32] if user_id else ""
         address = await self._address(day, client_ip) if client_ip else ""
@@ -225,5 +229,5 @@ class Budgets:
     async def _address(self, day: str, client_ip: str) -> str:
         """The client address as a counter name: keyed with the day's salt, so it can't be read back later."""
         if self._salt is None or self._salt[0] != day:
-            self._salt = (day, await self.sessions.budget_salt(day, COUNTER_TTL_SECONDS))
+            self._salt = (day, await self.limits.budget_salt(day, COUNTER_TTL_SECONDS))
         return hmac.new(self._salt[1].encode(), client_ip.encode(), hashlib.sha256).hexdigest()[:32]

@@ -6,11 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from server import __version__
 from server.ai.chain import ProviderChain
-from server.storage.sessions import SessionManager
+from server.storage.bundle import Storage
+from server.storage.errors import STORAGE_FAILED
 from server.storage.write_behind import WriteBehindStore
 
 
@@ -20,9 +19,8 @@ class HealthService:
     def __init__(
         self,
         *,
-        redis: aioredis.Redis,
+        storage: Storage,
         redis_mode: str,
-        sessions: SessionManager,
         chain: ProviderChain,
         connected_clients: Callable[[], int],
         instance_id: str,
@@ -32,9 +30,8 @@ class HealthService:
         engine_connections: Callable[[], int] | None = None,
         prune_every: float = 60.0,
     ) -> None:
-        self._redis = redis
+        self._storage = storage
         self._redis_mode = redis_mode
-        self._sessions = sessions
         self._chain = chain
         self._connected_clients = connected_clients
         self._instance_id = instance_id
@@ -49,8 +46,8 @@ class HealthService:
     async def ready(self) -> dict[str, Any]:
         """Whether this process can serve: Redis answers and, when scaled out, pub/sub delivers."""
         try:
-            redis_ok = bool(await self._redis.ping())
-        except (OSError, aioredis.RedisError, TimeoutError):
+            redis_ok = await self._storage.ping()
+        except STORAGE_FAILED:
             redis_ok = False
         pubsub_ok = self._pubsub_healthy is None or self._pubsub_healthy()
         return {
@@ -66,12 +63,12 @@ class HealthService:
         active_sessions = 0
         tokens_today = 0
         try:
-            await self._redis.ping()
+            await self._storage.ping()
             redis_status = "ok"
-            usage = await self._sessions.provider_usage()
+            usage = await self._storage.analytics.provider_usage()
             active_sessions = await self._active_sessions()
-            tokens_today = await self._sessions.tokens_today()
-        except (OSError, aioredis.RedisError, TimeoutError):
+            tokens_today = await self._storage.analytics.tokens_today()
+        except STORAGE_FAILED:
             redis_status = "down"
         providers = [
             {
@@ -116,6 +113,5 @@ class HealthService:
         now = time.monotonic()
         if self._pruned_at is None or now - self._pruned_at >= self._prune_every:
             self._pruned_at = now
-            return await self._sessions.active_sessions()
-        cutoff = (time.time() - self._sessions.ttl_seconds) * 1000
-        return int(await self._redis.zcount(self._sessions._ACTIVE_KEY, f"({cutoff}", "+inf"))
+            return await self._storage.analytics.active_sessions()
+        return await self._storage.analytics.count_active_sessions()

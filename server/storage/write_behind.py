@@ -12,15 +12,19 @@ from typing import Any
 
 from loguru import logger
 
-from server.errors import ApiError, storage_unavailable
-from server.storage.sessions import REDIS_DOWN, AppendResult, ReplyLease, SessionManager
+from server.contract import Message
+from server.storage.errors import STORAGE_DOWN, BufferFull, StorageError
+from server.storage.messages import AppendResult, MessageStore, ReplyLease
 from server.storage.spool import Spool
+
+REDIS_DOWN = STORAGE_DOWN  # TEMPORARY alias for callers that still import it from here (use errors.STORAGE_DOWN)
 
 __all__ = ["REDIS_DOWN", "WriteBehindStore"]
 
 RECENT_SESSIONS_KEPT = 5_000
 RECENT_MESSAGES_KEPT = 50
 POISON_ATTEMPTS = 5
+FULL_RETRY_AFTER = 5.0  # seconds a client refused by a full buffer is told to wait
 
 Replayer = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -41,24 +45,24 @@ class _Pending:
 class _Recent:
     """What this process last knew of a session: its latest messages, its state and its token count."""
 
-    messages: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_MESSAGES_KEPT))
+    messages: deque[Message] = field(default_factory=lambda: deque(maxlen=RECENT_MESSAGES_KEPT))
     state: str = "active"
     session_tokens: int = 0
     day_tokens: int = 0
 
 
 class WriteBehindStore:
-    """Appends and finished replies go through SessionManager; while Redis is unreachable (or older writes still
+    """Appends and finished replies go through the MessageStore; while Redis is unreachable (or older writes still
     wait) they queue here, in order, each one on disk (the spool) before it is acknowledged.
 
     Order is kept: once anything waits, every later write waits behind it. The conversation's recent messages
     are kept per session, so the AI answers with context during an outage. A full buffer refuses new messages
-    with `unavailable` instead of dropping them.
+    (BufferFull, which clients see as `unavailable`) instead of dropping them.
     """
 
     def __init__(
         self,
-        sessions: SessionManager,
+        messages: MessageStore,
         capacity: int,
         retry_interval: float = 0.5,
         *,
@@ -66,7 +70,7 @@ class WriteBehindStore:
         lease_owner: str = "",
         lease_seconds: float = 5.0,
     ) -> None:
-        self.sessions = sessions
+        self.messages = messages
         self.capacity = capacity
         self.retry_interval = retry_interval
         self.spool = spool
@@ -98,7 +102,7 @@ class WriteBehindStore:
     async def append(
         self,
         session_id: str,
-        message: dict[str, Any],
+        message: Message,
         *,
         client_message_id: str | None = None,
         context_size: int = 0,
@@ -110,26 +114,26 @@ class WriteBehindStore:
         """
         if not self._pending:
             try:
-                result = await self.sessions.append(
+                result = await self.messages.append(
                     session_id,
                     message,
                     client_message_id=client_message_id,
                     context_size=context_size,
                     lease=self.lease_for(reply_id),
                 )
-            except REDIS_DOWN as err:
+            except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
             else:
                 self._remember_append(session_id, result)
                 return result
         return self._buffer_append(session_id, message, client_message_id, context_size, reply_id)
 
-    async def finish_reply(self, session_id: str, messages: list[dict[str, Any]], **bookkeeping: Any) -> None:
+    async def finish_reply(self, session_id: str, messages: list[Message], **bookkeeping: Any) -> None:
         """Store an answer with its counters in one round trip; while Redis is away, buffer it whole."""
         if not self._pending:
             try:
-                await self.sessions.finish_reply(session_id, messages, **bookkeeping)
-            except REDIS_DOWN as err:
+                await self.messages.finish_reply(session_id, messages, **bookkeeping)
+            except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
             else:
                 self._remember_messages(session_id, messages)
@@ -144,7 +148,7 @@ class WriteBehindStore:
             try:
                 await self._replayers[kind](session_id, body)
                 return
-            except REDIS_DOWN as err:
+            except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering {}", type(err).__name__, kind)
         self._queue(kind, session_id, body)
 
@@ -157,7 +161,7 @@ class WriteBehindStore:
     def _buffer_append(
         self,
         session_id: str,
-        message: dict[str, Any],
+        message: Message,
         client_message_id: str | None,
         context_size: int,
         reply_id: str | None,
@@ -187,7 +191,7 @@ class WriteBehindStore:
     def _queue(self, kind: str, session_id: str, body: dict[str, Any]) -> None:
         """Buffer one write: on disk first, then in memory, then wake the flusher."""
         if len(self._pending) >= self.capacity:
-            raise storage_unavailable(retry_after=5)
+            raise BufferFull(retry_after=FULL_RETRY_AFTER)
         item = _Pending(next(self._seq), kind, session_id, body)
         if self.spool is not None:
             try:
@@ -200,7 +204,7 @@ class WriteBehindStore:
             self._flusher = asyncio.create_task(self._flush_loop(), name="write-behind")
 
     # What this process knows of recent conversations ---------------------------------------------
-    def recent_messages(self, session_id: str) -> list[dict[str, Any]]:
+    def recent_messages(self, session_id: str) -> list[Message]:
         """The latest messages of a conversation as this process last saw them (for rejoins in an outage)."""
         recent = self._recent.get(session_id)
         return list(recent.messages) if recent is not None else []
@@ -228,7 +232,7 @@ class WriteBehindStore:
         recent.session_tokens = result.session_tokens
         recent.day_tokens = result.day_tokens
 
-    def _remember_messages(self, session_id: str, messages: list[dict[str, Any]]) -> None:
+    def _remember_messages(self, session_id: str, messages: list[Message]) -> None:
         self._recent_for(session_id).messages.extend(messages)
 
     # Writing the buffer out -----------------------------------------------------------------------
@@ -238,13 +242,13 @@ class WriteBehindStore:
             item = self._pending[0]
             try:
                 await self._write(item)
-            except REDIS_DOWN:
+            except STORAGE_DOWN:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.retry_interval)
                 continue
-            except ApiError as err:  # the session vanished meanwhile: nothing left to attach it to
-                logger.warning("dropping a buffered {} for session {}: {}", item.kind, item.session_id, err.message)
+            except StorageError as err:  # the session vanished meanwhile (SessionGone): nothing left to attach it to
+                logger.warning("dropping a buffered {} for session {}: {}", item.kind, item.session_id, type(err).__name__)
             except Exception:
                 item.attempts += 1
                 if item.attempts < POISON_ATTEMPTS:
@@ -264,7 +268,7 @@ class WriteBehindStore:
     async def _write(self, item: _Pending) -> None:
         body = item.body
         if item.kind == "append":
-            await self.sessions.append(
+            await self.messages.append(
                 item.session_id,
                 body["message"],
                 client_message_id=body.get("clientMessageId"),
@@ -273,7 +277,7 @@ class WriteBehindStore:
         elif item.kind == "finish":
             bookkeeping = dict(body["bookkeeping"])
             bookkeeping["attempts"] = [tuple(a) for a in bookkeeping.get("attempts", ())]
-            await self.sessions.finish_reply(item.session_id, body["messages"], **bookkeeping)
+            await self.messages.finish_reply(item.session_id, body["messages"], **bookkeeping)
         else:
             await self._replayers[item.kind](item.session_id, body)
 

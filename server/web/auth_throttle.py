@@ -13,56 +13,19 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from loguru import logger
 
-from server.app_keys import RATE_LIMITS, REDIS, SETTINGS
+from server.app_keys import RATE_LIMITS, SETTINGS, STORAGE
 from server.errors import ApiError
-from server.storage.sessions import PREFIX, REDIS_DOWN
+from server.storage.errors import STORAGE_DOWN
+from server.storage.rate_limits import RateLimitStore
 
 T = TypeVar("T")
 
 WINDOW_SECONDS = 60
-_KEY = f"{PREFIX}:authfail"
-
-# One atomic step after the key was compared, so concurrent guesses cannot slip past the limit: the verdict only
-# counts while the address is admitted, and a right key is refused like a wrong one once the address is locked out.
-# KEYS: lockout(address), failures(address), failures(all), refused(address)
-# ARGV: verdict (1 right, 0 wrong), window ms, failures allowed, lockout ms, failures allowed from all addresses
-# Returns {ms to wait (0: admitted), refusals so far, 1 if the global limit refused it, failures, all failures, locked}.
-_RECORD_SCRIPT = """
-local ttl = redis.call('PTTL', KEYS[1])
-local global = 0
-if ttl <= 0 then
-  ttl = 0
-  local limit = tonumber(ARGV[5])
-  if limit > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= limit
-      and tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then
-    ttl = redis.call('PTTL', KEYS[3])
-    if ttl <= 0 then ttl = 0 else global = 1 end
-  end
-end
-if ttl > 0 then
-  local refused = redis.call('INCR', KEYS[4])
-  if refused == 1 then redis.call('PEXPIRE', KEYS[4], ttl) end
-  return {ttl, refused, global, 0, 0, 0}
-end
-if ARGV[1] == '1' then return {0, 0, 0, 0, 0, 0} end
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-local g = redis.call('INCR', KEYS[3])
-if g == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-local locked = 0
-if n >= tonumber(ARGV[3]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[4])
-  redis.call('DEL', KEYS[2], KEYS[4])
-  locked = 1
-end
-return {0, 0, 0, n, g, locked}
-"""
 
 
 def address_bucket(ip: str) -> str:
@@ -88,7 +51,7 @@ class AuthThrottle:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        counters: RateLimitStore,
         *,
         failures_per_minute: int,
         lockout_seconds: float,
@@ -97,14 +60,14 @@ class AuthThrottle:
         self.failures_per_minute = failures_per_minute
         self.lockout_ms = max(1000, int(lockout_seconds * 1000))
         self.global_failures_per_minute = max(0, global_failures_per_minute)
-        self._record = redis.register_script(_RECORD_SCRIPT)
+        self._counters = counters
 
     @classmethod
     def for_app(cls, app: web.Application) -> AuthThrottle:
-        """The throttle over the app's Redis with its settings (cheap: no I/O)."""
+        """The throttle over the app's counters with its settings (cheap: no I/O)."""
         settings = app[SETTINGS]
         return cls(
-            app[REDIS],
+            app[STORAGE].rate_limits,
             failures_per_minute=settings.agent_auth_failures_per_minute,
             lockout_seconds=settings.agent_auth_lockout,
             global_failures_per_minute=settings.agent_auth_global_failures_per_minute,
@@ -120,9 +83,6 @@ class AuthThrottle:
         """AGENT_AUTH_FAILURES_PER_MINUTE=0 turns the throttle off (failures are still logged)."""
         return self.failures_per_minute > 0
 
-    def _keys(self, bucket: str) -> list[str]:
-        return [f"{_KEY}:lock:{bucket}", f"{_KEY}:count:{bucket}", f"{_KEY}:count:*all*", f"{_KEY}:refused:{bucket}"]
-
     async def authenticate(self, ip: str, where: str, what: str, verify: Callable[[], T | None], refusal: ApiError) -> T:
         """verify()'s answer, unless this address is locked out (rate_limited) or verify fails (refusal, counted).
 
@@ -135,23 +95,23 @@ class AuthThrottle:
                 logger.warning("auth failed: wrong or missing {} from {} on {}", what, _safe(ip), where)
                 raise refusal
             return result
-        args: list[Any] = [
-            0 if result is None else 1,
-            WINDOW_SECONDS * 1000,
-            self.failures_per_minute,
-            self.lockout_ms,
-            self.global_failures_per_minute,
-        ]
         try:
-            answer = await self._record(keys=self._keys(address_bucket(ip)), args=args)
-        except REDIS_DOWN:
+            verdict = await self._counters.record_sign_in(
+                address_bucket(ip),
+                admitted=result is not None,
+                window_ms=WINDOW_SECONDS * 1000,
+                allowed=self.failures_per_minute,
+                lockout_ms=self.lockout_ms,
+                global_allowed=self.global_failures_per_minute,
+            )
+        except STORAGE_DOWN:
             if result is None:
                 logger.warning(
                     "auth failed: wrong or missing {} from {} on {} (not counted: Redis unavailable)", what, _safe(ip), where
                 )
                 raise refusal from None
             return result
-        wait_ms, refused, by_global, failures, everyone, locked = (int(v) for v in answer)
+        wait_ms, refused, by_global, failures, everyone, locked = verdict
         if wait_ms > 0:
             self._refused(ip, where, what, wait_ms / 1000, refused, bool(by_global))
         if result is None:

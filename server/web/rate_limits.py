@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 from server.errors import ApiError
-from server.storage.sessions import SessionManager
-from server.storage.write_behind import REDIS_DOWN
+from server.storage.errors import STORAGE_DOWN
+from server.storage.rate_limits import RateBucket, RateLimitStore
 
 
 class RateLimits:
@@ -14,7 +14,7 @@ class RateLimits:
 
     def __init__(
         self,
-        sessions: SessionManager,
+        counters: RateLimitStore,
         *,
         sessions_per_minute: int,
         messages_per_minute: int,
@@ -22,7 +22,7 @@ class RateLimits:
         trusted_proxies: tuple[str, ...],
         events_per_minute: int = 0,
     ) -> None:
-        self._sessions = sessions
+        self._counters = counters
         self.sessions_per_minute = sessions_per_minute
         self.messages_per_minute = messages_per_minute
         self.connections_per_minute = connections_per_minute
@@ -49,24 +49,24 @@ class RateLimits:
 
     async def check_session_creation(self, ip: str) -> None:
         """Raise rate_limited when this address opened too many sessions this minute."""
-        await self._check(f"sessions:{ip}", self.sessions_per_minute, "Too many new conversations")
+        await self._check(RateBucket.SESSIONS, ip, self.sessions_per_minute, "Too many new conversations")
 
     async def check_message(self, session_id: str) -> None:
         """Raise rate_limited when this session sent too many messages this minute."""
-        await self._check(f"messages:{session_id}", self.messages_per_minute, "Too many messages")
+        await self._check(RateBucket.MESSAGES, session_id, self.messages_per_minute, "Too many messages")
 
     async def check_event(self, session_id: str) -> None:
         """Raise rate_limited when this session sent too many other events (escalate, feedback, ...) this minute."""
-        await self._check(f"events:{session_id}", self.events_per_minute, "Too many requests")
+        await self._check(RateBucket.EVENTS, session_id, self.events_per_minute, "Too many requests")
 
     async def check_connection(self, ip: str) -> None:
         """Raise rate_limited when this address opened too many sockets this minute."""
-        await self._check(f"connections:{ip}", self.connections_per_minute, "Too many connections")
+        await self._check(RateBucket.CONNECTIONS, ip, self.connections_per_minute, "Too many connections")
 
-    async def _check(self, bucket: str, limit: int, what: str) -> None:
+    async def _check(self, bucket: RateBucket, owner: str, limit: int, what: str) -> None:
         try:
-            wait = await self._sessions.over_limit(bucket, limit)
-        except REDIS_DOWN:  # fail open: an outage must not stop conversations
+            wait = await self._counters.over_limit(bucket, owner, limit)
+        except STORAGE_DOWN:  # fail open: an outage must not stop conversations
             return
         if wait is not None:
             raise ApiError("rate_limited", f"{what}; try again in {wait:.0f} s.", retry_after=wait)

@@ -21,14 +21,15 @@ from server.app_keys import (
     OPENAPI,
     RATE_LIMITS,
     SCHEMAS,
-    SESSIONS,
     SETTINGS,
+    STORAGE,
 )
+from server.chat.reply_stream import StreamEvent
 from server.errors import ApiError, unauthorized
 from server.ops.metrics import BREAKER_VALUES, CONTENT_TYPE
 from server.schemas import load
 from server.settings import Secret
-from server.storage.write_behind import REDIS_DOWN
+from server.storage.errors import STORAGE_DOWN
 from server.web.auth_throttle import AuthThrottle
 
 
@@ -68,7 +69,7 @@ async def create_session(request: web.Request) -> web.Response:
     limits = request.app[RATE_LIMITS]
     ip = limits.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
     await limits.check_session_creation(ip)
-    session, token = await request.app[SESSIONS].create(data["userId"], data["metadata"], client_ip=ip)
+    session, token = await request.app[STORAGE].sessions.create(data["userId"], data["metadata"], client_ip=ip)
     return web.json_response(
         {
             "sessionId": session.id,
@@ -92,13 +93,13 @@ async def authenticate_session(request: web.Request, session_id: str, *, rotate:
     one stops working, and presenting it again after TOKEN_REUSE_GRACE revokes every token of the session.
     """
     token = bearer_token(request)
-    sessions = request.app[SESSIONS]
+    sessions = request.app[STORAGE].sessions
     await sessions.authenticate(session_id, token)
     if not rotate or token is None:
         return
     try:
         new_token = await sessions.rotate_token_if_idle(session_id, token, request.app[SETTINGS].token_rotate_after)
-    except REDIS_DOWN:  # verified from this process's memory during an outage: the visitor keeps its token
+    except STORAGE_DOWN:  # verified from this process's memory during an outage: the visitor keeps its token
         return
     if new_token is not None:
         request[_ROTATED_TOKEN] = new_token
@@ -148,10 +149,10 @@ async def send_message(request: web.Request) -> web.Response:
 async def send_message_stream(request: web.Request) -> web.StreamResponse:
     """The streaming twin of send_message: Server-Sent Events `accepted`, `chunk`, `interrupted`, `done`, `error`."""
     data = load(request.app[SCHEMAS].send_message, await json_body(request))
-    early: list[tuple[str, dict[str, Any]]] = []  # what the reply sent before the event stream was open
+    early: list[tuple[str, StreamEvent]] = []  # what the reply sent before the event stream was open
     opened: list[Any] = []
 
-    async def forward(kind: str, payload: dict[str, Any]) -> None:
+    async def forward(kind: str, payload: StreamEvent) -> None:
         if kind not in ("chunk", "interrupted"):
             return
         if not opened:
@@ -193,7 +194,7 @@ async def history(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     query = load(request.app[SCHEMAS].history_query, dict(request.query))
     await authenticate_session(request, session_id)
-    page = await request.app[SESSIONS].history(session_id, query["limit"], query.get("before"))
+    page = await request.app[STORAGE].messages.history(session_id, query["limit"], query.get("before"))
     return web.json_response({"sessionId": session_id, "messages": page.messages, "hasMore": page.has_more})
 
 
@@ -206,7 +207,7 @@ async def delete_session(request: web.Request) -> web.Response:
     """The person's right to be forgotten; logged as an audit event without content."""
     session_id = request.match_info["session_id"]
     await authenticate_session(request, session_id, rotate=False)
-    await request.app[SESSIONS].delete(session_id)
+    await request.app[STORAGE].delete(session_id)
     logger.info("audit: session {} deleted by its owner", session_id)
     return web.json_response({"sessionId": session_id, "deleted": True})
 
@@ -216,21 +217,23 @@ async def export_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     await authenticate_session(request, session_id)
     logger.info("audit: session {} exported by its owner", session_id)
-    return web.json_response(await request.app[SESSIONS].export(session_id))
+    return web.json_response(await request.app[STORAGE].export(session_id))
 
 
 async def feedback(request: web.Request) -> web.Response:
     """Thumbs up or down on a reply, counted in analytics."""
     data = load(request.app[SCHEMAS].feedback, await json_body(request))
     await authenticate_session(request, data["sessionId"])
-    entry = await request.app[SESSIONS].record_feedback(data["sessionId"], data["messageId"], data["rating"], data["comment"])
+    entry = await request.app[STORAGE].analytics.record_feedback(
+        data["sessionId"], data["messageId"], data["rating"], data["comment"]
+    )
     return web.json_response({"sessionId": data["sessionId"], **entry})
 
 
 async def analytics(request: web.Request) -> web.Response:
     """Per-day figures for the last 30 days (agent key)."""
     await require_agent(request)
-    return web.json_response({"days": await request.app[SESSIONS].analytics(30)})
+    return web.json_response({"days": await request.app[STORAGE].analytics.analytics(30)})
 
 
 async def require_agent(request: web.Request) -> str:
@@ -251,7 +254,7 @@ async def list_tickets(request: web.Request) -> web.Response:
     raw_limit = request.query.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
         raise ApiError("validation_error", "Invalid limit.", {"limit": "A whole number from 1 to 500."})
-    page = await request.app[SESSIONS].ticket_page(
+    page = await request.app[STORAGE].tickets.page(
         limit=int(raw_limit), status=request.query.get("status") or None, cursor=request.query.get("cursor") or None
     )
     tickets = [{k: v for k, v in t.items() if k != "transcript"} for t in page.tickets]
@@ -260,7 +263,7 @@ async def list_tickets(request: web.Request) -> web.Response:
 
 async def show_ticket(request: web.Request) -> web.Response:
     await require_agent(request)
-    ticket = await request.app[SESSIONS].ticket(request.match_info["ticket_id"])
+    ticket = await request.app[STORAGE].tickets.get(request.match_info["ticket_id"])
     if ticket is None:
         raise ApiError("not_found", "No such ticket.")
     return web.json_response(ticket)
@@ -270,7 +273,7 @@ async def resolve_ticket(request: web.Request) -> web.Response:
     agent = await require_agent(request)
     body = await json_body(request)
     data = load(request.app[SCHEMAS].ticket_resolve, {} if body is None else body)
-    ticket = await request.app[HANDOFF].resolve_ticket(request.match_info["ticket_id"], agent, data["resolution"])
+    ticket = await request.app[HANDOFF].tickets.resolve(request.match_info["ticket_id"], agent, data["resolution"])
     return web.json_response(ticket)
 
 
@@ -299,8 +302,8 @@ async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
     chain = request.app[CHAIN]
     try:
-        registry.sessions_active.set(await request.app[SESSIONS].active_sessions())
-    except REDIS_DOWN:
+        registry.sessions_active.set(await request.app[STORAGE].analytics.active_sessions())
+    except STORAGE_DOWN:
         pass
 
     def refresh() -> None:
@@ -321,8 +324,6 @@ def add_routes(app: web.Application) -> None:
     """Every REST route in one place, and the hand-back of rotated session tokens."""
     app.on_response_prepare.append(_hand_back_token)
     settings = app[SETTINGS]
-    if SESSIONS in app:
-        app[SESSIONS].token_reuse_grace = settings.token_reuse_grace
     if settings.token_rotate_after is not None and settings.token_rotate_after >= settings.session_ttl_seconds:
         logger.warning(
             "TOKEN_ROTATE_AFTER ({:g} s) is not shorter than SESSION_TIMEOUT ({} s): tokens will never rotate",

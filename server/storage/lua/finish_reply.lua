@@ -1,0 +1,71 @@
+-- finish_reply.lua: stores a finished reply with all its book-keeping in one round trip (the hot path's second
+-- write; needs trim_history.lua): the message(s) in order (ids already stored are skipped, so a retried write
+-- stores nothing twice), the streamed text forgotten, the reply's lease released, tokens for the budgets, the day's
+-- analytics and the provider usage counters. The counters are moved even when the session is gone.
+--
+-- KEYS  name            meaning
+--   1   session         chat:session:{sid} hash
+--   2   history         chat:history:{sid} list of message JSON
+--   3   index           chat:msgindex:{sid} hash message id -> absolute position
+--   4   client ids      chat:clientids:{sid} hash (TTL renewed)
+--   5   active          chat:active zset session id -> last activity (ms)
+--   6   in flight       chat:inflight:{sid} the streamed-text snapshot (JSON string)
+--   7   day tokens      chat:tokens:<day>
+--   8   day analytics   chat:analytics:<day> hash of the day's counters
+--   9   usage           chat:usage hash "<provider>:requests" / "<provider>:failures"
+--  10   pending         chat:pending:{sid} the awaited reply's lease record
+--  11   reply leases    chat:replyleases zset
+-- ARGV  name            meaning
+--   1   ttl             session TTL (s)
+--   2   now             now (ms): the activity score
+--   3   expires at      the session's new expiresAt (ISO 8601)
+--   4   session id      the session id
+--   5   streamed id     the streamed message's id ('' none): its snapshot is deleted if it is still that one's
+--   6   tokens          provider tokens the reply used (>= 0)
+--   7   provider        the provider that answered ('none' for none)
+--   8   confidence      the reply's confidence, '' for none
+--   9   latency bucket  upper edge (ms) of the reply latency's bucket
+--  10   n attempts      how many (name, failed) pairs follow
+--  11.. attempts        n pairs: provider name, '1' failed / '0' not
+--  then messages        pairs: message id, message JSON, to the end of ARGV
+-- Returns -1 when the session is gone (nothing stored, counters moved), else 1.
+local ttl = tonumber(ARGV[1])
+local n_attempts = tonumber(ARGV[10])
+for i = 0, n_attempts - 1 do
+  local name = ARGV[11 + 2 * i]
+  redis.call('HINCRBY', KEYS[9], name .. ':requests', 1)
+  if ARGV[12 + 2 * i] == '1' then redis.call('HINCRBY', KEYS[9], name .. ':failures', 1) end
+end
+local tokens = tonumber(ARGV[6])
+redis.call('HINCRBY', KEYS[8], 'provider:' .. ARGV[7], 1)
+if ARGV[8] ~= '' then
+  redis.call('HINCRBYFLOAT', KEYS[8], 'confidenceSum', ARGV[8])
+  redis.call('HINCRBY', KEYS[8], 'confidenceCount', 1)
+end
+redis.call('HINCRBY', KEYS[8], 'latency:' .. ARGV[9], 1)
+if tokens > 0 then
+  redis.call('HINCRBY', KEYS[8], 'tokens', tokens)
+  redis.call('INCRBY', KEYS[7], tokens)
+  redis.call('EXPIRE', KEYS[7], 3 * 86400)
+end
+redis.call('EXPIRE', KEYS[8], 40 * 86400)
+if ARGV[5] ~= '' and redis.call('TYPE', KEYS[6]).ok == 'string' then
+  local streamed = cjson.decode(redis.call('GET', KEYS[6]))
+  if streamed.messageId == ARGV[5] then redis.call('DEL', KEYS[6]) end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
+for i = 11 + 2 * n_attempts, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
+    local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], offset + n - 1)
+  end
+end
+trim_history(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[10])
+redis.call('ZREM', KEYS[11], ARGV[4])
+redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[4])
+return 1
