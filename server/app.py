@@ -8,10 +8,10 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from loguru import logger
 
 from server.ai.chain import ProviderChain
@@ -38,11 +38,16 @@ from server.app_keys import (
     SESSIONS,
     SETTINGS,
     SIO,
+    STORAGE,
 )
-from server.chat.budgets import BudgetPolicy
-from server.chat.escalation import EscalationRules
+from server.chat.budgets import BudgetPolicy, Budgets
+from server.chat.escalation import EscalationRules, Escalations
+from server.chat.leases import ReplyLeases
 from server.chat.prompt import PromptBuilder
+from server.chat.reply_stream import ReplyStreams
+from server.chat.responder import Finisher, ReplyWriter, Responder
 from server.chat.service import ChatService
+from server.chat.turns import TurnQueue
 from server.handoff.directory import AgentDirectory
 from server.handoff.service import HandoffService
 from server.handoff.summary import ConversationSummarizer
@@ -52,11 +57,13 @@ from server.ops.logging import configure_logging
 from server.ops.metrics import Metrics
 from server.realtime.agents import AgentEvents
 from server.realtime.customers import CustomerEvents
+from server.realtime.emitter import Emitter
 from server.realtime.managers import DirectEmitManager, GuardedRedisManager
 from server.realtime.server import ChatSocketServer
 from server.realtime.transport_guard import connection_guard
 from server.schemas import build_schemas
 from server.settings import Settings
+from server.storage.bundle import Storage
 from server.storage.redis import EmbeddedRedis
 from server.storage.sessions import SessionManager
 from server.storage.spool import Spool
@@ -73,16 +80,6 @@ from server.web.openapi import build_openapi
 from server.web.pages import setup_pages
 from server.web.rate_limits import RateLimits
 from server.web.routes import add_routes
-
-
-class SocketBroadcaster:
-    """Session events to the session's room through Socket.IO (and its Redis manager when scaled out)."""
-
-    def __init__(self, sio: ChatSocketServer) -> None:
-        self._sio = sio
-
-    async def emit(self, event: str, data: dict[str, Any], room: str, namespace: str = "/") -> None:
-        await self._sio.emit(event, data, room=room, namespace=namespace)
 
 
 def build_providers(settings: Settings, knowledge: KnowledgeBase) -> list[AIProvider]:
@@ -108,7 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     """Everything the server needs, wired once; start-up and clean-up hooks own the I/O."""
     configure_logging(settings)
     open_websockets: set[asyncio.BaseTransport] = set()
-    middlewares = [
+    middlewares: list[Middleware] = [
         websocket_registry_middleware(open_websockets),
         errors_middleware,
         access_log_middleware,
@@ -158,12 +155,15 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     metrics.engine_connections.set_function(lambda: sio.engine_connections)
     knowledge = KnowledgeBase.from_directory(settings.knowledge_dir, store_name=settings.store_name)
-    sessions = SessionManager(
+    storage = Storage.open(
         redis,
         settings.session_ttl_seconds,
         max_history=settings.max_history_per_session,
         tickets_per_client_per_hour=settings.tickets_per_client_per_hour,
+        token_reuse_grace=settings.token_reuse_grace,
     )
+    app[STORAGE] = storage
+    sessions = SessionManager.over(storage)  # TEMPORARY facade for callers not yet on the stores
     chain = ProviderChain(
         build_providers(settings, knowledge),
         failure_threshold=settings.provider_failure_threshold,
@@ -176,25 +176,34 @@ def create_app(settings: Settings) -> web.Application:
     )
     schemas = build_schemas(settings.max_message_length, settings.metadata_max_bytes)
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    broadcaster = SocketBroadcaster(sio)
+    emitter = Emitter(sio)
     handoff = HandoffService(
         sessions=sessions,
-        broadcaster=broadcaster,
+        emitter=emitter,
         summarizer=ConversationSummarizer(chain, sessions),
-        handoff_message=settings.handoff_message,
-        wait_timeout=settings.agent_wait_timeout,
-        idle_timeout=settings.agent_idle_timeout,
+        settings=settings.handoff,
         instance_id=instance_id,
         metrics=metrics,
     )
     store = WriteBehindStore(
-        sessions,
+        storage.messages,
         capacity=settings.write_behind_capacity,
         spool=Spool(settings.data_dir / "spool", instance_id),
         lease_owner=instance_id,
     )
-    chat = ChatService(
+    # The chat: turn queue -> responder (store, answer, announce); see server/chat/service.py.
+    chat_settings = settings.chat
+    leases = ReplyLeases(sessions, owner=instance_id, seconds=chat_settings.lease_seconds)
+    escalations = Escalations(
+        EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
         sessions=sessions,
+        store=store,
+        emitter=emitter,
+        metrics=metrics,
+        handoff=handoff,
+    )
+    finisher = Finisher(store=store, emitter=emitter, escalations=escalations, leases=leases, metrics=metrics)
+    writer = ReplyWriter(
         chain=chain,
         prompts=PromptBuilder(
             settings.system_prompt_file,
@@ -203,22 +212,26 @@ def create_app(settings: Settings) -> web.Application:
             tone=settings.assistant_tone,
             top_k=settings.knowledge_in_prompt,
         ),
-        rules=EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
-        broadcaster=broadcaster,
-        handoff=handoff,
+        budgets=Budgets(storage.rate_limits, storage.sessions, BudgetPolicy.from_settings(settings), metrics),
+        streams=ReplyStreams(emitter, sessions, chat_settings.streaming),
         store=store,
-        max_history=settings.max_conversation_history,
-        flush_ms=settings.stream_flush_ms,
-        flush_chars=settings.stream_flush_chars,
-        cross_process_order=settings.scaled_out,
-        log_content=settings.log_message_content,
-        budget_policy=BudgetPolicy.from_settings(settings),
-        metrics=metrics,
-        instance_id=instance_id,
-        max_pending_per_session=settings.max_pending_per_session,
+        finisher=finisher,
+        settings=chat_settings,
+    )
+    responder = Responder(
+        writer=writer, finisher=finisher, store=store, sessions=sessions, leases=leases, metrics=metrics, settings=chat_settings
+    )
+    chat = ChatService(
+        turns=TurnQueue(responder.handle, sessions=sessions, store=store, owner=instance_id, settings=chat_settings),
+        writer=writer,
+        escalations=escalations,
+        leases=leases,
+        sessions=sessions,
+        store=store,
+        settings=chat_settings,
     )
     limits = RateLimits(
-        sessions,
+        storage.rate_limits,
         sessions_per_minute=settings.rate_limit_sessions_per_minute,
         messages_per_minute=settings.rate_limit_messages_per_minute,
         connections_per_minute=settings.rate_limit_connections_per_minute,
@@ -229,18 +242,17 @@ def create_app(settings: Settings) -> web.Application:
     sio.eio.guard = connection_guard(limits, lambda reason: metrics.transport_refusals.labels(reason).inc())
     customers = CustomerEvents(
         sio,
+        emitter,
         schemas,
-        sessions,
-        chat,
-        handoff,
-        limits,
-        lambda: chain.usable_names,
-        settings.token_rotate_after,
+        sessions=sessions,
+        chat=chat,
+        tickets=handoff.tickets,
+        limits=limits,
         max_pending_per_client=settings.max_pending_per_client,
     )
     customers.register()
     directory = AgentDirectory(settings.agent_api_keys)
-    agents = AgentEvents(sio, schemas, directory, handoff)
+    agents = AgentEvents(sio, emitter, schemas, directory, handoff)
     agents.register()
     app[HANDOFF] = handoff
     app[AGENT_DIRECTORY] = directory
@@ -252,9 +264,8 @@ def create_app(settings: Settings) -> web.Application:
     app[CHAT_SERVICE] = chat
     app[CUSTOMER_EVENTS] = customers
     app[HEALTH] = HealthService(
-        redis=redis,
+        storage=storage,
         redis_mode=settings.redis_mode,
-        sessions=sessions,
         chain=chain,
         connected_clients=lambda: customers.connected,
         instance_id=instance_id,
@@ -293,7 +304,7 @@ async def _graceful_shutdown(app: web.Application) -> None:
     if sio.eio.sockets:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sio.eio.disconnect(), 1)
-    for transport in list(app[OPEN_WEBSOCKETS]):
+    for transport in [*app[OPEN_WEBSOCKETS]]:
         transport.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(sio.shutdown(), 1)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import socketio
@@ -10,23 +11,37 @@ from aiohttp import web
 
 from server.settings import Settings
 
-if TYPE_CHECKING:
-    pass
+if TYPE_CHECKING:  # services never import this module, but some import each other: types only, no cycle
+    from server.ai.chain import ProviderChain
+    from server.chat.service import ChatService
+    from server.handoff.directory import AgentDirectory
+    from server.handoff.service import HandoffService
+    from server.ops.health import HealthService
+    from server.ops.metrics import Metrics
+    from server.realtime.agents import AgentEvents
+    from server.realtime.customers import CustomerEvents
+    from server.schemas import Schemas
+    from server.storage.bundle import Storage
+    from server.storage.redis import EmbeddedRedis
+    from server.storage.sessions import SessionManager
+    from server.web.rate_limits import RateLimits
 
+# Real types, never a string (which makes the key Any): `app[KEY]` is typed wherever it is read.
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
-EMBEDDED_REDIS = web.AppKey("embedded_redis", "EmbeddedRedis | None")
+EMBEDDED_REDIS: web.AppKey[EmbeddedRedis | None] = web.AppKey("embedded_redis")
 SIO = web.AppKey("sio", socketio.AsyncServer)
-SCHEMAS = web.AppKey("schemas", "Schemas")
-SESSIONS = web.AppKey("sessions", "SessionManager")
-CHAIN = web.AppKey("chain", "ProviderChain")
-CHAT_SERVICE = web.AppKey("chat_service", "ChatService")
-CUSTOMER_EVENTS = web.AppKey("customer_events", "CustomerEvents")
-HEALTH = web.AppKey("health", "HealthService")
-HANDOFF = web.AppKey("handoff", "HandoffService")
-AGENT_DIRECTORY = web.AppKey("agent_directory", "AgentDirectory")
-AGENT_EVENTS = web.AppKey("agent_events", "AgentEvents")
-RATE_LIMITS = web.AppKey("rate_limits", "RateLimits")
-METRICS = web.AppKey("metrics", "Metrics")
-OPENAPI = web.AppKey("openapi", dict)
-OPEN_WEBSOCKETS = web.AppKey("open_websockets", set)
+SCHEMAS: web.AppKey[Schemas] = web.AppKey("schemas")
+SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions")  # TEMPORARY: the facade over STORAGE's stores
+STORAGE: web.AppKey[Storage] = web.AppKey("storage")
+CHAIN: web.AppKey[ProviderChain] = web.AppKey("chain")
+CHAT_SERVICE: web.AppKey[ChatService] = web.AppKey("chat_service")
+CUSTOMER_EVENTS: web.AppKey[CustomerEvents] = web.AppKey("customer_events")
+HEALTH: web.AppKey[HealthService] = web.AppKey("health")
+HANDOFF: web.AppKey[HandoffService] = web.AppKey("handoff")
+AGENT_DIRECTORY: web.AppKey[AgentDirectory] = web.AppKey("agent_directory")
+AGENT_EVENTS: web.AppKey[AgentEvents] = web.AppKey("agent_events")
+RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("rate_limits")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+OPENAPI = web.AppKey("openapi", dict[str, Any])
+OPEN_WEBSOCKETS = web.AppKey("open_websockets", set[asyncio.BaseTransport])

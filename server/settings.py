@@ -55,6 +55,36 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamingSettings:
+    """How a reply's deltas are coalesced into `message-chunk` events (STREAM_FLUSH_MS, STREAM_FLUSH_CHARS)."""
+
+    flush_ms: int = 40
+    flush_chars: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSettings:
+    """What the chat service reads of the settings: context, queue bound, ordering, logging, streaming."""
+
+    max_history: int = 10  # earlier messages sent with each prompt (MAX_CONVERSATION_HISTORY)
+    max_pending_per_session: int = 20  # messages waiting per session (0: no limit)
+    cross_process_order: bool = False  # session order (a Redis lock) and in-flight snapshots across processes
+    log_content: bool = True  # prompts in debug logs (LOG_MESSAGE_CONTENT)
+    token_rotate_after: float | None = None  # idle seconds after which a rejoin hands out a new token
+    lease_seconds: float = 5.0  # how long a reply's owner may go silent before another process finishes it
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffSettings:
+    """The handoff to people: what the visitor is told, and how long a wait or an agent's silence may last."""
+
+    message: str
+    wait_timeout: float  # seconds in the queue before a ticket (AGENT_WAIT_TIMEOUT)
+    idle_timeout: float  # seconds of agent silence before the AI is back (AGENT_IDLE_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of the server; defaults are the contract's."""
 
@@ -145,6 +175,30 @@ class Settings:
         return self.redis_url is not None
 
     @property
+    def streaming(self) -> StreamingSettings:
+        """Chunk coalescing, for the reply streams."""
+        return StreamingSettings(flush_ms=self.stream_flush_ms, flush_chars=self.stream_flush_chars)
+
+    @property
+    def chat(self) -> ChatSettings:
+        """The chat service's settings."""
+        return ChatSettings(
+            max_history=self.max_conversation_history,
+            max_pending_per_session=self.max_pending_per_session,
+            cross_process_order=self.scaled_out,
+            log_content=self.log_message_content,
+            token_rotate_after=self.token_rotate_after,
+            streaming=self.streaming,
+        )
+
+    @property
+    def handoff(self) -> HandoffSettings:
+        """The handoff service's settings."""
+        return HandoffSettings(
+            message=self.handoff_message, wait_timeout=self.agent_wait_timeout, idle_timeout=self.agent_idle_timeout
+        )
+
+    @property
     def redis_mode(self) -> str:
         """`external` when an operator pointed us at a Redis, else `embedded`."""
         return "external" if self.redis_url else "embedded"
@@ -187,8 +241,8 @@ class Settings:
             session_timeout_ms=env.int("SESSION_TIMEOUT", defaults.session_timeout_ms),
             log_level=env.str("LOG_LEVEL", defaults.log_level).upper(),
             log_format=env.str("LOG_FORMAT", defaults.log_format).lower(),
-            cors_origins=tuple(o.strip() for o in env.list("CORS_ORIGINS", []) if o.strip()),
-            csp_connect_src=tuple(o.strip() for o in env.list("CSP_CONNECT_SRC", []) if o.strip()),
+            cors_origins=_stripped(env.list("CORS_ORIGINS", [])),
+            csp_connect_src=_stripped(env.list("CSP_CONNECT_SRC", [])),
             stream_flush_ms=env.int("STREAM_FLUSH_MS", defaults.stream_flush_ms),
             stream_flush_chars=env.int("STREAM_FLUSH_CHARS", defaults.stream_flush_chars),
             store_name=env.str("STORE_NAME", defaults.store_name),
@@ -222,7 +276,7 @@ class Settings:
             max_pending_per_client=env.int("MAX_PENDING_PER_CLIENT", defaults.max_pending_per_client),
             max_history_per_session=env.int("MAX_HISTORY_PER_SESSION", defaults.max_history_per_session),
             tickets_per_client_per_hour=env.int("TICKETS_PER_CLIENT_PER_HOUR", defaults.tickets_per_client_per_hour),
-            trusted_proxies=tuple(p.strip() for p in env.list("TRUSTED_PROXIES", []) if p.strip()),
+            trusted_proxies=_stripped(env.list("TRUSTED_PROXIES", [])),
             token_rotate_after=env.float("TOKEN_ROTATE_AFTER", defaults.token_rotate_after),
             token_reuse_grace=env.float("TOKEN_REUSE_GRACE", defaults.token_reuse_grace),
             log_message_content=env.bool("LOG_MESSAGE_CONTENT", defaults.log_message_content),
@@ -295,6 +349,11 @@ def check_agent_keys(keys: tuple[tuple[str, Secret], ...]) -> None:
         if key in seen:
             raise WeakAgentKeyError(f"AGENT_API_KEYS: agents {seen[key]!r} and {name!r} share one key; give each its own.")
         seen[key] = name
+
+
+def _stripped(items: list[str]) -> tuple[str, ...]:
+    """A list setting's entries, trimmed, without the empty ones."""
+    return tuple(item.strip() for item in items if item.strip())
 
 
 def _redis_url_from_parts(env: Env) -> str | None:

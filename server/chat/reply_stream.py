@@ -5,23 +5,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from loguru import logger
 
-from server.storage.sessions import SessionManager
-
-
-class Broadcaster(Protocol):
-    """Where session events go: every socket in the session's room, on every process."""
-
-    async def emit(self, event: str, data: dict[str, Any], room: str, namespace: str = "/") -> None:
-        """Send one event to a room of a namespace."""
-
+from server.contract import ChunkEvent, InProgress, InterruptedEvent
+from server.realtime.emitter import Emitter
+from server.settings import StreamingSettings
 
 TRICKLE_GAP_SECONDS = 0.002  # deltas further apart than this were waited for: the provider is writing as it goes
 
-ReplyListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+StreamEvent = ChunkEvent | InterruptedEvent
+ReplyListener = Callable[[str, StreamEvent], Awaitable[None]]  # ("chunk" | "interrupted", the event as sent)
+
+
+class SnapshotStore(Protocol):
+    """Where the text written so far is kept, so a client rejoining on another process gets it."""
+
+    async def save_in_flight(self, session_id: str, message_id: str, text: str, index: int, provider: str) -> None:
+        """Replace the session's snapshot of the reply being written."""
+
+
+class ReplyStreams:
+    """Opens the stream of each reply with what every stream shares: the emitter, the snapshot store, the settings."""
+
+    def __init__(self, emitter: Emitter, snapshots: SnapshotStore, settings: StreamingSettings) -> None:
+        self._emitter = emitter
+        self._snapshots = snapshots
+        self._settings = settings
+
+    def open(
+        self,
+        session_id: str,
+        message_id: str,
+        *,
+        listener: ReplyListener | None = None,
+        snapshots: bool = True,
+        resume_at: int | None = None,
+    ) -> ReplyStream:
+        """A stream for one reply; `resume_at`: the chunk index a reply taken over from a dead process goes on from."""
+        return ReplyStream(
+            session_id,
+            message_id,
+            emitter=self._emitter,
+            settings=self._settings,
+            snapshots=self._snapshots if snapshots else None,
+            listener=listener,
+            resume_at=resume_at,
+        )
 
 
 class ReplyStream:
@@ -29,31 +60,29 @@ class ReplyStream:
 
     def __init__(
         self,
-        *,
         session_id: str,
         message_id: str,
-        sessions: SessionManager,
-        broadcaster: Broadcaster,
-        flush_ms: int,
-        flush_chars: int,
+        *,
+        emitter: Emitter,
+        settings: StreamingSettings,
+        snapshots: SnapshotStore | None = None,
         listener: ReplyListener | None = None,
-        snapshots: bool = True,
-        first_index: int = 0,
-        reset_first: bool = False,
+        resume_at: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.message_id = message_id
         self.provider: str | None = None
         self.text = ""
-        self._sessions = sessions
-        self._broadcaster = broadcaster
-        self._flush_seconds = max(0, flush_ms) / 1000
-        self._flush_chars = max(1, flush_chars)
+        self._emitter = emitter
+        self._flush_seconds = max(0, settings.flush_ms) / 1000
+        self._flush_chars = max(1, settings.flush_chars)
         self._listener = listener
         self._snapshots = snapshots
         self._pending = ""
-        self._pending_reset = reset_first
-        self._index = first_index - 1
+        # A reply taken over from a process that died goes on under the same id: its first chunk tells clients
+        # to drop what the dead process had sent.
+        self._pending_reset = resume_at is not None
+        self._index = (resume_at or 0) - 1
         self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
         self._trickling = False
@@ -63,11 +92,16 @@ class ReplyStream:
         self.snapshot_saved = False
 
     @property
-    def written(self) -> dict[str, Any] | None:
+    def written(self) -> InProgress | None:
         """What the room has been sent so far (`messageId`, `text`, `index`), for a socket joining mid-reply."""
         if not self.text:
             return None
         return {"messageId": self.message_id, "text": self.text, "index": self._index}
+
+    @property
+    def unsent(self) -> str:
+        """Text taken but not yet sent as a chunk (kept when the reply is cut or stopped)."""
+        return self._pending
 
     @property
     def chunks_sent(self) -> int:
@@ -134,7 +168,7 @@ class ReplyStream:
             reset, self._pending_reset = self._pending_reset, False
             self._index += 1
             self.text += delta
-            payload = {
+            payload: ChunkEvent = {
                 "sessionId": self.session_id,
                 "messageId": self.message_id,
                 "index": self._index,
@@ -143,24 +177,29 @@ class ReplyStream:
                 "reset": reset,
             }
             try:
-                if self._snapshots and not final:
-                    await self._sessions.save_in_flight(
+                if self._snapshots is not None and not final:
+                    await self._snapshots.save_in_flight(
                         self.session_id, self.message_id, self.text, self._index, self.provider or ""
                     )
                     self.snapshot_saved = True
             except Exception as err:  # the snapshot only serves rejoins; the live chunk still goes out
                 logger.warning("session {}: could not save streamed text: {}", self.session_id, type(err).__name__)
-            await self._broadcaster.emit("message-chunk", payload, self.session_id)
-            await self.notify("chunk", payload)
+            await self._emitter.message_chunk(payload)
+            await self._notify("chunk", payload)
 
     async def interrupted(self, provider: str, reason: str) -> None:
         """Tell the room at once that a provider broke off mid-answer."""
         await self.flush()
-        payload = {"sessionId": self.session_id, "messageId": self.message_id, "provider": provider, "reason": reason}
-        await self._broadcaster.emit("message-interrupted", payload, self.session_id)
-        await self.notify("interrupted", payload)
+        payload: InterruptedEvent = {
+            "sessionId": self.session_id,
+            "messageId": self.message_id,
+            "provider": provider,
+            "reason": reason,
+        }
+        await self._emitter.message_interrupted(payload)
+        await self._notify("interrupted", payload)
 
-    async def notify(self, kind: str, payload: dict[str, Any]) -> None:
+    async def _notify(self, kind: str, payload: StreamEvent) -> None:
         """Tell the direct listener (an SSE client); one that went away never stops the reply."""
         if self._listener is None:
             return
@@ -169,8 +208,17 @@ class ReplyStream:
         except Exception:
             self._listener = None
 
+    async def begin(self) -> None:
+        """Tell the room the assistant is writing."""
+        await self._emitter.assistant_typing(self.session_id, True)
+
+    async def end(self) -> None:
+        """Send the tail, stop the timer, and tell the room the assistant stopped writing."""
+        await self.close()
+        await self._emitter.assistant_typing(self.session_id, False)
+
     async def close(self) -> None:
-        """Send the tail and stop the timer."""
+        """Send the tail and stop the timer (again: nothing more is sent)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

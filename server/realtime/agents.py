@@ -10,8 +10,9 @@ from loguru import logger
 
 from server.errors import ApiError
 from server.handoff.directory import AgentDirectory
-from server.handoff.service import AGENTS_NAMESPACE, AGENTS_ROOM, HandoffService, agent_session_room
+from server.handoff.service import HandoffService
 from server.realtime.customers import SocketHandler, socket_edge
+from server.realtime.emitter import AGENTS_NAMESPACE, Emitter
 from server.schemas import Schemas, load
 from server.web.auth_throttle import AuthThrottle
 
@@ -19,8 +20,11 @@ from server.web.auth_throttle import AuthThrottle
 class AgentEvents:
     """Handlers for support agents; customers can never connect here without an agent key."""
 
-    def __init__(self, sio: socketio.AsyncServer, schemas: Schemas, directory: AgentDirectory, handoff: HandoffService) -> None:
+    def __init__(
+        self, sio: socketio.AsyncServer, emitter: Emitter, schemas: Schemas, directory: AgentDirectory, handoff: HandoffService
+    ) -> None:
         self.sio = sio
+        self.emitter = emitter
         self.schemas = schemas
         self.directory = directory
         self.handoff = handoff
@@ -63,11 +67,11 @@ class AgentEvents:
                 data["retryAfter"] = max(1, math.ceil(err.retry_after))
             raise socketio.exceptions.ConnectionRefusedError(err.message, data) from None
         await self.sio.save_session(sid, {"agent": name}, namespace=AGENTS_NAMESPACE)
-        await self.sio.enter_room(sid, AGENTS_ROOM, namespace=AGENTS_NAMESPACE)
+        await self.emitter.join_agents(sid)
         await self.handoff.agent_connected(sid, name)
         # A reconnecting agent (page reload, server restart) goes back into the conversations it holds.
-        for session_id in await self.handoff.sessions.sessions_held_by(name):
-            await self.sio.enter_room(sid, agent_session_room(session_id), namespace=AGENTS_NAMESPACE)
+        for session_id in await self.handoff.held_by(name):
+            await self.emitter.join_held(sid, session_id)
         logger.info("agent {} connected", name)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
@@ -75,31 +79,31 @@ class AgentEvents:
 
     async def _agent(self, sid: str) -> str:
         session = await self.sio.get_session(sid, namespace=AGENTS_NAMESPACE)
-        name = session.get("agent") if session else None
+        name: str | None = session.get("agent") if session else None
         if not name:
             raise ApiError("unauthorized", "A valid agent key is required.")
         return name
 
     async def get_queue(self, sid: str, payload: Any) -> dict[str, Any]:
         await self._agent(sid)
-        return {"queue": await self.handoff.sessions.queue(), "agentName": await self._agent(sid)}
+        return {"queue": await self.handoff.queue(), "agentName": await self._agent(sid)}
 
     async def claim(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.agent_session, payload)
         result = await self.handoff.claim(await self._agent(sid), data["sessionId"])
-        await self.sio.enter_room(sid, agent_session_room(data["sessionId"]), namespace=AGENTS_NAMESPACE)
+        await self.emitter.join_held(sid, data["sessionId"])
         return result
 
     async def release(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.agent_session, payload)
         await self.handoff.release(await self._agent(sid), data["sessionId"])
-        await self.sio.leave_room(sid, agent_session_room(data["sessionId"]), namespace=AGENTS_NAMESPACE)
+        await self.emitter.leave_held(sid, data["sessionId"])
         return {"sessionId": data["sessionId"]}
 
     async def close(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.agent_close, payload)
         await self.handoff.close(await self._agent(sid), data["sessionId"], data["resolution"])
-        await self.sio.leave_room(sid, agent_session_room(data["sessionId"]), namespace=AGENTS_NAMESPACE)
+        await self.emitter.leave_held(sid, data["sessionId"])
         return {"sessionId": data["sessionId"]}
 
     async def agent_message(self, sid: str, payload: Any) -> dict[str, Any]:

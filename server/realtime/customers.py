@@ -11,13 +11,14 @@ import socketio
 from loguru import logger
 
 from server.chat.service import ChatService
-from server.errors import ApiError, storage_unavailable
-from server.handoff.service import HandoffService
+from server.errors import ApiError, api_error_from
+from server.handoff.tickets import TicketDesk
 from server.json_codec import MalformedPayload
+from server.realtime.emitter import Emitter
 from server.realtime.server import ack_requested, after_ack
 from server.schemas import Schemas, load
+from server.storage.errors import STORAGE_DOWN, StorageError
 from server.storage.sessions import SessionManager
-from server.storage.write_behind import REDIS_DOWN
 from server.web.rate_limits import RateLimits
 
 HISTORY_ON_JOIN = 50
@@ -41,13 +42,11 @@ def socket_edge(
                 if _has_binary(args):
                     raise ApiError("validation_error", "Binary attachments are not accepted.")
                 answer = {"ok": True, **await handler(sid, payload)}
-            except ApiError as err:
+            except (ApiError, StorageError, *STORAGE_DOWN) as exc:  # ours, and storage's mapped to the contract's
+                err = api_error_from(exc) or ApiError("internal", "Something went wrong.")
                 answer = {"ok": False, "error": err.to_dict()}
                 if err.retry_after is not None:
                     answer["retryAfter"] = err.retry_after
-            except REDIS_DOWN:
-                down = storage_unavailable()
-                answer = {"ok": False, "error": down.to_dict(), "retryAfter": down.retry_after}
             except Exception:
                 logger.exception("socket event {} failed", event)
                 answer = {"ok": False, "error": ApiError("internal", "Something went wrong.").to_dict()}
@@ -83,23 +82,22 @@ class CustomerEvents:
     def __init__(
         self,
         sio: socketio.AsyncServer,
+        emitter: Emitter,
         schemas: Schemas,
+        *,
         sessions: SessionManager,
         chat: ChatService,
-        handoff: HandoffService,
+        tickets: TicketDesk,
         limits: RateLimits,
-        provider_names: Callable[[], list[str]],
-        token_rotate_after: float | None = None,
         max_pending_per_client: int = 0,
     ) -> None:
         self.sio = sio
+        self.emitter = emitter
         self.schemas = schemas
         self.sessions = sessions
         self.chat = chat
-        self.handoff = handoff
+        self.tickets = tickets
         self.limits = limits
-        self.token_rotate_after = token_rotate_after
-        self.provider_names = provider_names
         self.connected = 0
         self.max_pending_per_client = max_pending_per_client  # messages not yet stored, per client IP (0: no limit)
         self._socket_ips: dict[str, str] = {}  # connected socket -> client IP (read without awaiting)
@@ -141,9 +139,7 @@ class CustomerEvents:
         """
 
         def receivable() -> bool:
-            if sid in self._socket_ips:
-                return True
-            return next(iter(self.sio.manager.get_participants("/", session_id)), None) is not None
+            return sid in self._socket_ips or self.emitter.listened_here(session_id)
 
         return receivable
 
@@ -163,12 +159,12 @@ class CustomerEvents:
         if "sessionId" in data:
             session = await self.sessions.authenticate(data["sessionId"], data["token"])
             await self.limits.check_event(session.id)
-            token = await self.chat.rejoined(session.id, data["token"], self.token_rotate_after)
+            token = await self.chat.rejoined(session.id, data["token"])
         else:
             ip = (await self.sio.get_session(sid)).get("ip", "unknown")
             await self.limits.check_session_creation(ip)
             session, token = await self.sessions.create(data["userId"], data["metadata"], client_ip=ip)
-        await self.sio.enter_room(sid, session.id)
+        await self.emitter.join_session(sid, session.id)
         async with self.sio.session(sid) as socket_session:
             socket_session.setdefault("sessions", set()).add(session.id)
         history = await self.chat.history_for_join(session.id, data.get("afterMessageId"), HISTORY_ON_JOIN)
@@ -176,7 +172,7 @@ class CustomerEvents:
             "sessionId": session.id,
             "userId": session.user_id,
             "history": history,
-            "providers": self.provider_names(),
+            "providers": self.chat.providers,
         }
         in_progress = await self.chat.in_progress(session.id, history)
         if in_progress is not None:
@@ -223,8 +219,8 @@ class CustomerEvents:
     async def escalate(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.escalate, payload)
         await self._event_allowed(sid, data["sessionId"])
-        escalation = await self.chat.escalate(data["sessionId"], data.get("reason"))
-        return {"state": escalation["state"]} if escalation.get("alreadyEscalated") else {}
+        already = await self.chat.escalate(data["sessionId"], data.get("reason"))
+        return {} if already is None else {"state": already}
 
     async def stop_generation(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.session_ref, payload)
@@ -234,7 +230,7 @@ class CustomerEvents:
     async def provide_contact(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.provide_contact, payload)
         await self._event_allowed(sid, data["sessionId"])
-        ticket = await self.handoff.provide_contact(data["sessionId"], data["email"])
+        ticket = await self.tickets.provide_contact(data["sessionId"], data["email"])
         return {"ticketId": ticket["id"]}
 
     async def agent_only(self, sid: str, payload: Any) -> dict[str, Any]:

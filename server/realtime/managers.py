@@ -17,7 +17,7 @@ from socketio import packet as sio_packet
 PROBE_PREFIX = b"__probe__:"
 
 
-class DirectEmitManager(AsyncManager):  # type: ignore[misc]
+class DirectEmitManager(AsyncManager):
     """Room emits without a task per recipient.
 
     python-socketio's emit wraps each recipient's send in a task and waits for them all, though a send only
@@ -26,7 +26,7 @@ class DirectEmitManager(AsyncManager):  # type: ignore[misc]
     library's own path.
     """
 
-    async def emit(  # type: ignore[override]
+    async def emit(
         self,
         event: str,
         data: Any,
@@ -58,7 +58,7 @@ class DirectEmitManager(AsyncManager):  # type: ignore[misc]
                     await self.server._send_eio_packet(eio_sid, pkt)
 
 
-class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):  # type: ignore[misc]
+class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):
     """Rooms and emits across processes, plus a self-addressed probe that proves pub/sub still delivers.
 
     Guards against python-socketio #1411/#1581 (emits lost while Redis is down, a worker silently deaf

@@ -65,7 +65,7 @@ class ChatSocketServer(socketio.AsyncServer):
         """Engine.IO transports open on this process, joined to a namespace or not."""
         return len(self.eio.sockets)
 
-    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:  # type: ignore[override]
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
         await super()._handle_eio_connect(eio_sid, environ)
         loop = asyncio.get_running_loop()
         self._join_deadlines[eio_sid] = loop.call_later(self.connect_timeout, self._join_expired, eio_sid)
@@ -78,7 +78,7 @@ class ChatSocketServer(socketio.AsyncServer):
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:  # type: ignore[override]
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
         attempts = self._connect_attempts.get(eio_sid, 0) + 1
         self._connect_attempts[eio_sid] = attempts
         if attempts > MAX_CONNECT_ATTEMPTS or self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is not None:
@@ -90,7 +90,7 @@ class ChatSocketServer(socketio.AsyncServer):
             if deadline is not None:
                 deadline.cancel()
 
-    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:  # type: ignore[override]
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         """Refuse binary frames and BINARY_EVENT/BINARY_ACK packets before python-socketio buffers anything.
 
         A BINARY_EVENT from a joined socket is acked `validation_error` and its few announced attachments are
@@ -141,7 +141,7 @@ class ChatSocketServer(socketio.AsyncServer):
         )
         await self.eio.close_now(eio_sid)
 
-    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:  # type: ignore[override]
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         deadline = self._join_deadlines.pop(eio_sid, None)
         if deadline is not None:
             deadline.cancel()
@@ -149,7 +149,7 @@ class ChatSocketServer(socketio.AsyncServer):
         self._dropping.pop(eio_sid, None)
         await super()._handle_eio_disconnect(eio_sid, reason)
 
-    async def _handle_event_internal(  # type: ignore[override]
+    async def _handle_event_internal(
         self, server: socketio.AsyncServer, sid: str, eio_sid: str, data: list[Any], namespace: str, id: int | None
     ) -> None:
         _ack_requested.set(id is not None)

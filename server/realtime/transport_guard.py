@@ -49,7 +49,7 @@ class TransportGuard:
         self.refused = refused
 
 
-class GuardedEngineIO(engineio.AsyncServer):  # type: ignore[misc]
+class GuardedEngineIO(engineio.AsyncServer):
     """engine.io's AsyncServer with two checks before it touches a request.
 
     A handshake (GET without `sid`) counts against the per-IP connection limit and is refused with 429 before any
@@ -57,6 +57,8 @@ class GuardedEngineIO(engineio.AsyncServer):  # type: ignore[misc]
     none) is answered 413 at once and its session closed without waiting: engine.io itself would wait forever for a
     GET to drain the session's queue, so the POST hung and kept its buffers.
     """
+
+    _async: dict[str, Any]  # engine.io's hooks of its async driver (set by its __init__, untyped)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
