@@ -1,19 +1,14 @@
 // The agent console: sign in with an agent key, see the queue, claim, talk, hand back or close.
-'use strict';
+import { AGENT_KEY_STORE, byId as $, loadClient, setStatus as setPill, toast } from './ui.js';
 
-const $ = (id) => document.getElementById(id);
-const KEY_STORE = 'supportChat.agentKey';
 const RETRY_BASE_MS = 1000;
 const RETRY_MAX_MS = 5000;
 const state = {
-  socket: null, key: sessionStorage.getItem(KEY_STORE), current: null, shown: new Set(), retries: 0, retryTimer: null,
+  io: null, socket: null, key: sessionStorage.getItem(AGENT_KEY_STORE), current: null, shown: new Set(), retries: 0, retryTimer: null,
 };
 
-const { toast, loadClient } = window.chatUi;
-
 function setStatus(name, label) {
-  $('agent-status').dataset.state = name;
-  $('agent-status').textContent = label;
+  setPill('agent-status', name, label);
 }
 
 // Bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069) could reorder what an agent reads.
@@ -135,7 +130,7 @@ function refuse(socket, err) {
   clearTimeout(state.retryTimer);
   setStatus('offline', 'Sign-in refused');
   toast(err.data.message || 'Could not connect with that key.');
-  sessionStorage.removeItem(KEY_STORE);
+  sessionStorage.removeItem(AGENT_KEY_STORE);
   state.key = null;
   socket.close();
   showSignedIn(false);
@@ -160,7 +155,7 @@ function connect() {
   clearTimeout(state.retryTimer);
   state.retries = 0;
   setStatus('connecting', 'Connecting…');
-  const socket = window.io('/agents', {
+  const socket = state.io('/agents', {
     auth: { key: state.key },
     transports: ['websocket', 'polling'],
     reconnection: true,
@@ -168,13 +163,12 @@ function connect() {
     reconnectionDelayMax: RETRY_MAX_MS,
   });
   state.socket = socket;
-  window.agentConsole = { socket };
   socket.on('connect', async () => {
     clearTimeout(state.retryTimer);
     state.retries = 0;
     setStatus('connected', 'Signed in');
     showSignedIn(true);
-    sessionStorage.setItem(KEY_STORE, state.key);
+    sessionStorage.setItem(AGENT_KEY_STORE, state.key);
     const ack = await call('get-queue', {});
     if (ack) renderQueue(ack.queue);
     loadTickets();
@@ -201,7 +195,7 @@ function connect() {
 function wire() {
   $('sign-in-form').addEventListener('submit', (e) => { e.preventDefault(); state.key = $('agent-key').value.trim(); if (state.key) connect(); });
   $('sign-out').addEventListener('click', () => {
-    sessionStorage.removeItem(KEY_STORE);
+    sessionStorage.removeItem(AGENT_KEY_STORE);
     clearTimeout(state.retryTimer);
     state.socket?.close();
     state.key = null;
@@ -227,9 +221,13 @@ function wire() {
   $('refresh-tickets').addEventListener('click', loadTickets);
 }
 
+// For tests and the browser console: `(await import('/static/agent.js')).socket()`.
+export const socket = () => state.socket;
 
-(async () => {
+async function start() {
   wire();
-  await loadClient();
+  state.io = await loadClient();
   if (state.key) connect();
-})();
+}
+
+start();

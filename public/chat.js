@@ -1,5 +1,5 @@
 // The customer chat page: one Socket.IO connection, messages rendered as text, streaming with resume.
-'use strict';
+import { byId as $, loadClient, setStatus as setPill, toast } from './ui.js';
 
 const STORE = { sessionId: 'supportChat.sessionId', token: 'supportChat.token', userId: 'supportChat.userId' };
 const ERRORS = {
@@ -17,7 +17,6 @@ const TRIGGERS = {
   user_request: 'You asked for a person.',
 };
 
-const $ = (id) => document.getElementById(id);
 const state = {
   socket: null,
   sessionId: localStorage.getItem(STORE.sessionId),
@@ -48,12 +47,8 @@ function describe(error) {
   return ERRORS[error.code] || error.message || 'Something went wrong.';
 }
 
-const { toast, loadClient } = window.chatUi;
-
 function setStatus(name, label) {
-  const el = $('status');
-  el.dataset.state = name;
-  el.textContent = label;
+  setPill('status', name, label);
 }
 
 function scrollDown() {
@@ -295,8 +290,10 @@ function submit(event) {
   send(text, clientMessageId, li);
 }
 
+// The composer's length against its limit (the server's MAX_MESSAGE_LENGTH, rendered into maxlength).
 function updateCounter() {
-  $('counter').textContent = `${$('composer').value.length} / 4000`;
+  const box = $('composer');
+  $('counter').textContent = `${box.value.length} / ${box.maxLength}`;
 }
 
 function wireControls() {
@@ -346,19 +343,22 @@ function wireSocket(socket) {
   socket.on('chat-error', (e) => toast(describe(e.error)));
 }
 
-
 async function start() {
   wireControls();
+  let io;
   try {
-    await loadClient();
+    io = await loadClient();
   } catch {
     setStatus('offline', 'Offline');
     toast('Could not load the chat client. Check your connection and reload.');
     return;
   }
-  state.socket = window.io({ transports: ['websocket', 'polling'], reconnection: true });
+  state.socket = io({ transports: ['websocket', 'polling'], reconnection: true });
   wireSocket(state.socket);
-  window.supportChat = { socket: state.socket, sessionId: () => state.sessionId };
 }
+
+// For tests and the browser console: `(await import('/static/chat.js')).socket()`.
+export const socket = () => state.socket;
+export const sessionId = () => state.sessionId;
 
 start();

@@ -1,9 +1,7 @@
 // The analytics dashboard: the last 30 days from /api/v1/analytics, drawn as small SVG bar charts.
-'use strict';
+import { AGENT_KEY_STORE, byId as $, setStatus, toast } from './ui.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
-const $ = (id) => document.getElementById(id);
-const { toast } = window.chatUi;
 
 // One bar chart of a per-day value (null days are gaps).
 function barChart(title, days, value, format = (v) => String(v)) {
@@ -74,17 +72,15 @@ function render(days) {
 async function load(key) {
   const response = await fetch('/api/v1/analytics', { headers: { Authorization: `Bearer ${key}` } });
   if (!response.ok) {
-    $('dash-status').dataset.state = 'offline';
-    $('dash-status').textContent = 'Key refused';
+    setStatus('dash-status', 'offline', 'Key refused');
     toast('That agent key was not accepted.');
     return;
   }
-  sessionStorage.setItem('supportChat.agentKey', key);
-  $('dash-status').dataset.state = 'connected';
-  $('dash-status').textContent = 'Signed in';
+  sessionStorage.setItem(AGENT_KEY_STORE, key);
+  setStatus('dash-status', 'connected', 'Signed in');
   render((await response.json()).days);
 }
 
 $('dash-sign-in').addEventListener('submit', (e) => { e.preventDefault(); load($('agent-key').value.trim()); });
-const saved = sessionStorage.getItem('supportChat.agentKey');
+const saved = sessionStorage.getItem(AGENT_KEY_STORE);
 if (saved) load(saved);

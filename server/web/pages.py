@@ -1,4 +1,4 @@
-"""The customer test page and its static files."""
+"""The pages (chat, agent console, analytics, API docs) rendered from templates, with their headers, and the static files."""
 
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ def _page_headers(request: web.Request, response: web.StreamResponse) -> web.Str
 
 
 def _render(template: str, request: web.Request) -> web.StreamResponse:
-    """A page with the Socket.IO client served locally when npm installed it, else from the CDN (with SRI)."""
+    """A page with the Socket.IO client served locally when npm installed it, else from the CDN (with SRI).
+
+    The composers' `maxlength` comes from MAX_MESSAGE_LENGTH, so the page never offers more than the server accepts.
+    """
     settings = request.app[SETTINGS]
     response = aiohttp_jinja2.render_template(
         template,
@@ -57,6 +60,7 @@ def _render(template: str, request: web.Request) -> web.StreamResponse:
             "socketio_cdn": SOCKETIO_CDN,
             "socketio_integrity": SOCKETIO_INTEGRITY,
             "store_name": settings.store_name,
+            "max_message_length": settings.max_message_length,
             "version": __version__,
         },
     )
