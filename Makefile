@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test install install-dev node chromium nginx lint bench clean
+.PHONY: run test test-fast install install-dev node chromium nginx lint bench clean
 
 run: install node
 	$(PY) run.py
@@ -12,8 +12,16 @@ run: install node
 test: install-dev node chromium nginx
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The quick lane while working: the unit tests and the in-process integration tests (no server processes, no
+# browser, no long scenarios: those are marked `slow` or `browser`). `make test` runs everything, as CI does.
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+# ruff (lint rules and the formatter) and mypy over server/, devtools/ and run.py (settings in pyproject.toml).
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -197,7 +197,7 @@ def text_table(lines: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(lines: list[dict[str, Any]]) -> str:
-    """The same table in Markdown, for the README."""
+    """The same table in Markdown, for docs/performance.md."""
     header = ["figure", *COLUMNS, "target", "result"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(COLUMNS) + "---|---|"]
     for ln in lines:

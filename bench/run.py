@@ -115,7 +115,7 @@ def main() -> None:
         "python": platform.python_version(),
         "cores": {"server": 0, "load": 1},
     }
-    # Only a full run replaces the figures the README shows; a partial one (--only, --targets) goes beside them.
+    # Only a full run replaces the figures docs/performance.md shows; a partial one (--only, --targets) goes beside them.
     name = "latest" if only >= {"B1", "B2", "B3", "B4", "B5"} and not wanted else "partial"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
     md = markdown_table(lines)

@@ -193,6 +193,7 @@ def load(schema: Schema, payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ApiError("validation_error", "The payload must be a JSON object.")
     try:
-        return schema.load(payload)
+        loaded: dict[str, Any] = schema.load(payload)
+        return loaded
     except ValidationError as err:
         raise validation_error(err.normalized_messages()) from None

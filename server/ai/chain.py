@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from loguru import logger
@@ -191,7 +191,7 @@ class ProviderChain:
         *,
         passive: bool = False,
         local_only: bool = False,
-    ) -> AsyncIterator[ChainEvent]:
+    ) -> AsyncGenerator[ChainEvent, None]:
         """Yield the answer as it is written, failing over before or after the first delta.
 
         `passive` calls (background summaries) use only providers whose circuit is closed and leave every

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from loguru import logger
 
-from server.errors import ApiError, storage_unavailable
-from server.storage.write_behind import REDIS_DOWN
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from server.errors import ApiError, api_error_from
+from server.storage.errors import STORAGE_DOWN, StorageError
 
 _HTTP_CODES = {400: "validation_error", 401: "unauthorized", 404: "not_found", 405: "not_found", 413: "payload_too_large"}
 
@@ -28,10 +26,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every failure, ours or aiohttp's, answers in the contract's error shape."""
     try:
         return await handler(request)
-    except ApiError as err:
-        return error_response(err)
-    except REDIS_DOWN:
-        return error_response(storage_unavailable())
+    except (ApiError, StorageError, *STORAGE_DOWN) as exc:  # ours, and storage's mapped to the contract's
+        return error_response(api_error_from(exc) or ApiError("internal", "Something went wrong."))
     except web.HTTPException as exc:
         if exc.status < 400 or request.path.startswith("/socket.io"):
             raise
@@ -40,8 +36,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             "not_found": "No such route.",
             "payload_too_large": "The request body is too large.",
         }
-        err = ApiError(code, messages.get(code, exc.reason))
-        return error_response(err)
+        return error_response(ApiError(code, messages.get(code, exc.reason)))
     except Exception:
         logger.exception("unhandled error on {} {}", request.method, request.path)
         return error_response(ApiError("internal", "Something went wrong."))
@@ -60,11 +55,8 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         response = await handler(request)
         status = response.status
         return response
-    except ApiError as err:
-        status = err.status
-        raise
-    except REDIS_DOWN:
-        status = 503
+    except (ApiError, StorageError, *STORAGE_DOWN) as exc:
+        status = mapped.status if (mapped := api_error_from(exc)) else 500
         raise
     except web.HTTPException as exc:
         status = exc.status
@@ -83,7 +75,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             )
 
 
-def cors_middleware(allowed: tuple[str, ...]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def cors_middleware(allowed: tuple[str, ...]) -> Middleware:
     """REST CORS for the configured origins; with none configured, only the server's own origin is served."""
 
     @web.middleware
@@ -116,7 +108,7 @@ async def no_ws_compression_middleware(request: web.Request, handler: Handler) -
 
 def websocket_registry_middleware(
     open_websockets: set[asyncio.BaseTransport],
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """Remember the connection under every WebSocket, so shutdown can close them all at once.
 
     An Engine.IO CLOSE packet alone leaves the connection to the client, and browsers wait for the TCP side to
@@ -139,7 +131,7 @@ def websocket_registry_middleware(
 
 def body_read_timeout_middleware(
     timeout: float,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """A request body must arrive within `timeout` seconds, or the client gets 408 and the connection is closed.
 
     The deadline watches the body stream rather than reading it here, so every handler (engine.io's included)

@@ -125,7 +125,7 @@ def build_openapi(schemas: Schemas) -> dict[str, Any]:
         version=__version__,
         openapi_version="3.1.0",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Real-time AI customer-support chat. Socket.IO events are described in the README."},
+        info={"description": "Real-time AI customer-support chat. Socket.IO events are described in docs/protocol.md."},
     )
     spec.components.security_scheme("sessionToken", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("agentKey", {"type": "http", "scheme": "bearer"})
@@ -150,8 +150,8 @@ def build_openapi(schemas: Schemas) -> dict[str, Any]:
 
     session_id = {"name": "sessionId", "in": "path", "required": True, "schema": {"type": "string"}}
     ticket_id = {"name": "ticketId", "in": "path", "required": True, "schema": {"type": "string"}}
-    token = [{"sessionToken": []}]
-    agent = [{"agentKey": []}]
+    token: list[dict[str, list[str]]] = [{"sessionToken": []}]
+    agent: list[dict[str, list[str]]] = [{"agentKey": []}]
     body = lambda name: {"required": True, **_json(name)}  # noqa: E731
 
     spec.path(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,7 +78,7 @@ class AIProvider(ABC):
         """Whether the provider can be called at all (for instance, it has a key)."""
 
     @abstractmethod
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yield text deltas, then exactly one Finished; raise ProviderError on any failure."""
 
     def warm_up(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pydantic
 from google import genai
@@ -59,7 +59,7 @@ class GeminiProvider(AIProvider):
         contents.append({"role": "user", "parts": [{"text": request.message}]})
         return contents
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent, None]:
         if self._client is None:
             raise ProviderError("not configured")
         finish_reason = None
@@ -69,7 +69,7 @@ class GeminiProvider(AIProvider):
         try:
             # The conversation travels as the REST body's own `contents` and `systemInstruction` through the SDK's
             # `extra_body`: validating and converting a pydantic Content per turn was about half of a Gemini reply's
-            # CPU in profiles (README, Performance), and the SDK would send exactly these JSON fields.
+            # CPU in profiles (docs/performance.md), and the SDK would send exactly these JSON fields.
             chunks = await self._client.aio.models.generate_content_stream(
                 model=self.model,
                 contents=request.message,
@@ -83,7 +83,7 @@ class GeminiProvider(AIProvider):
                     ),
                 ),
             )
-            async with contextlib.aclosing(chunks):
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]  # typed AsyncIterator, is a generator
                 async for chunk in chunks:
                     if chunk.usage_metadata is not None:
                         input_tokens = chunk.usage_metadata.prompt_token_count or input_tokens
@@ -151,5 +151,5 @@ def _build_models(model: type[pydantic.BaseModel], seen: set[type]) -> None:
             annotation = pending.pop()
             is_model = isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
             if is_model and annotation is not pydantic.BaseModel:
-                _build_models(annotation, seen)
+                _build_models(typing.cast(type[pydantic.BaseModel], annotation), seen)
             pending.extend(typing.get_args(annotation))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from loguru import logger
 
@@ -47,7 +47,7 @@ class LocalProvider(AIProvider):
         """Always usable: it needs neither a key nor the network."""
         return True
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream the best entry's answer (or a greeting, or an offer of a human) in word-boundary pieces."""
         try:
             text, confidence = self.answer(request.message)

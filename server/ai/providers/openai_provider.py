@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2
@@ -66,7 +66,7 @@ class OpenAIProvider(AIProvider):
             body["max_tokens"] = request.max_tokens
         return body
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent, None]:
         if self._client is None:
             raise ProviderError("not configured")
         logprobs: list[float] = []
@@ -76,7 +76,7 @@ class OpenAIProvider(AIProvider):
         try:
             # The SDK sends the request (auth, base URL, timeouts, typed status errors) and hands back the raw
             # event stream: building a pydantic chunk model per token and transforming the typed request
-            # parameters were over a third of a reply's CPU in profiles (README, Performance); the wire format is stable.
+            # parameters were over a third of a reply's CPU in profiles (docs/performance.md); the wire format is stable.
             # The JSON body is encoded here by orjson (the SDK's stdlib encoder was another 2%).
             response = await self._client.post(
                 "/chat/completions", cast_to=httpx2.Response, content=orjson.dumps(self.body_for(request)), stream=True
