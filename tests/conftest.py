@@ -1,87 +1,40 @@
-"""Real parts for every test: a redis-server process, the provider double over HTTP, listening servers."""
+"""Fixtures: a redis-server for the session, the provider double, chat servers, and the clients that talk to them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
-import socketio
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from devtools.provider_double import ProviderDouble
-from server.app import create_app
 from server.settings import Secret, Settings
-from server.storage.redis import redis_server_binary
+from tests.clients import ConnectFactory, Http, RawSocket, Recorder, agent_client, open_http
+from tests.processes import ServerProcess
+from tests.servers import RedisProcess, RunningServer, ServerFactory, free_port
+
+UNIT_TESTS = Path(__file__).parent / "unit"
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` (left out of `make test-fast`) what no module marks by hand.
 
-
-class RedisProcess:
-    """A throwaway real redis-server on loopback."""
-
-    def __init__(self, port: int | None = None, data_dir: Path | None = None, persistent: bool = False) -> None:
-        self.port = port or free_port()
-        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="redis-test-"))
-        self.persistent = persistent
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.data_dir),
-                "--save",
-                "",
-                "--appendonly",
-                "yes" if self.persistent else "no",
-                "--appendfsync",
-                "always",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+    A test that starts whole server processes (the `processes` fixture) is slow. Of a parametrized integration
+    test the quick lane runs the first case only: every case costs a server start, and what tells the cases
+    apart (validation, escalation rules, failure handling) has unit tests of its own. `make test` runs them all.
+    """
+    for item in items:
+        if "processes" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(callspec.indices.values()) and UNIT_TESTS not in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -151,27 +104,11 @@ def settings(redis_url: str, double: ProviderDouble, tmp_path: Path) -> Settings
     )
 
 
-@dataclasses.dataclass
-class RunningServer:
-    """A chat server listening on loopback."""
-
-    app: web.Application
-    server: TestServer
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    async def close(self) -> None:
-        await self.server.close()
-
-
-ServerFactory = Callable[..., Awaitable[RunningServer]]
-
-
 @pytest.fixture
 async def start_server(settings: Settings) -> AsyncIterator[ServerFactory]:
     """Start chat servers (with optional setting overrides); all are closed after the test."""
+    from server.app import create_app  # here, not at the top: the unit layer never pays for importing the app
+
     running: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
@@ -192,68 +129,19 @@ async def server(start_server: ServerFactory) -> RunningServer:
     return await start_server()
 
 
-class Recorder:
-    """A python-socketio AsyncClient that keeps every event it receives, for assertions."""
+@pytest.fixture
+async def http() -> AsyncIterator[Http]:
+    """The test's REST client, closed after it.
 
-    def __init__(self, namespace: str = "/") -> None:
-        self.client = socketio.AsyncClient(reconnection=False)
-        self.events: list[tuple[str, Any]] = []
-        self._changed = asyncio.Event()
-
-        async def catch_all(event: str, *args: Any) -> None:
-            self.events.append((event, args[0] if len(args) == 1 else list(args)))
-            self._changed.set()
-
-        self.client.on("*", catch_all, namespace=namespace)
-
-    async def connect(self, url: str, **kwargs: Any) -> Recorder:
-        await self.client.connect(url, transports=["websocket"], wait_timeout=5, **kwargs)
-        return self
-
-    async def call(self, event: str, data: Any = None, timeout: float = 10) -> Any:
-        return await self.client.call(event, data, timeout=timeout)
-
-    async def emit(self, event: str, data: Any = None) -> None:
-        await self.client.emit(event, data)
-
-    def of(self, event: str) -> list[Any]:
-        return [data for name, data in self.events if name == event]
-
-    async def wait_for(
-        self, event: str, predicate: Callable[[Any], bool] = lambda _: True, timeout: float = 10, count: int = 1
-    ) -> list[Any]:
-        """Wait until `count` events named `event` match `predicate`; returns them."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            found = [data for data in self.of(event) if predicate(data)]
-            if len(found) >= count:
-                return found
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise AssertionError(f"timed out waiting for {count} x {event}; got {self.events[-10:]}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-
-    async def reply_to(self, message_id: str | None = None, timeout: float = 10) -> dict[str, Any]:
-        """The next assistant/system message-received (optionally answering a given user message)."""
-        found = await self.wait_for(
-            "message-received",
-            lambda d: (
-                d["message"]["role"] in ("assistant", "system")
-                and (message_id is None or d["message"].get("replyTo") == message_id)
-            ),
-            timeout=timeout,
-        )
-        return found[0]
-
-    async def disconnect(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client.disconnect()
+    Each call gets a connection of its own (no keep-alive): tests stop and restart servers, and a pooled
+    connection to a stopped one would fail the next call for a reason that is not the server's.
+    """
+    async with open_http(connector=aiohttp.TCPConnector(force_close=True)) as client:
+        yield client
 
 
 @pytest.fixture
-async def connect() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
+async def connect() -> AsyncIterator[ConnectFactory]:
     """Open real Socket.IO clients; all are disconnected after the test."""
     clients: list[Recorder] = []
 
@@ -267,10 +155,40 @@ async def connect() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
         await recorder.disconnect()
 
 
-async def joined_client(connect: Callable[..., Awaitable[Recorder]], url: str, user_id: str = "u1") -> tuple[Recorder, str, str]:
-    """A client that started a new session: (client, sessionId, token)."""
-    client = await connect(url)
-    ack = await client.call("join-chat", {"userId": user_id})
-    assert ack["ok"], ack
-    await client.wait_for("chat-joined")
-    return client, ack["sessionId"], ack["token"]
+@pytest.fixture
+async def agents() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
+    """Open agents signed in to /agents (alex's key unless told); all are disconnected after the test."""
+    opened: list[Recorder] = []
+
+    async def open_agent(url: str, key: str = "alex-key-123-4567-89ab") -> Recorder:
+        agent = await agent_client(url, key)
+        opened.append(agent)
+        return agent
+
+    yield open_agent
+    for agent in opened:
+        await agent.disconnect()
+
+
+@pytest.fixture
+async def raw_sockets() -> AsyncIterator[Callable[..., Awaitable[RawSocket]]]:
+    """Open RawSockets (hand-written Socket.IO packets); all are closed after the test."""
+    opened: list[RawSocket] = []
+
+    async def open_raw(url: str, namespace: str = "/", auth: dict[str, Any] | None = None) -> RawSocket:
+        raw = await RawSocket.open(url, namespace, auth)
+        opened.append(raw)
+        return raw
+
+    yield open_raw
+    for raw in opened:
+        await raw.close()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServerProcess]]:
+    """Server processes a test launches (`launch(processes, env)`); all are stopped after it."""
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        await process.stop()

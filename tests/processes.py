@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 
 from server.settings import PROJECT_ROOT
-from tests.conftest import free_port
+from tests.clients import open_http
+from tests.servers import free_port
 
 
 def rss_mb(pid: int) -> float:
@@ -76,14 +77,13 @@ class ServerProcess:
             if isinstance(output, int) and output >= 0:
                 os.close(output)  # the child has its own copy
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
+        async with open_http() as http:
             while time.monotonic() < deadline:
                 if self.process.returncode is not None:
                     raise RuntimeError(f"server process exited at start:\n{self.log()[-4000:]}")
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            return self
+                    if (await http.get(f"{self.url}/health")).status == 200:
+                        return self
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"server process did not start:\n{self.log()[-4000:]}")
 
@@ -130,3 +130,10 @@ class ServerProcess:
             else:
                 self.process.kill()
         await self.process.wait()
+
+
+async def launch(started: list[ServerProcess], env: dict[str, str]) -> ServerProcess:
+    """Start a server process with `env`, registered in `started` (the `processes` fixture) to be stopped after."""
+    process = ServerProcess(env)
+    started.append(process)
+    return await process.start()

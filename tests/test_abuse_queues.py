@@ -6,16 +6,18 @@ import asyncio
 import os
 from typing import Any
 
-import aiohttp
 import orjson
 import psutil
 import pytest
 import redis
 
 from devtools.provider_double import ProviderDouble
-from server.app_keys import CHAT_SERVICE, CUSTOMER_EVENTS, HANDOFF, SESSIONS
+from server.app_keys import CHAT_SERVICE, CUSTOMER_EVENTS, HANDOFF, STORAGE
 from server.settings import parse_agent_keys
-from tests.conftest import ServerFactory, joined_client
+from tests.clients import Http, joined_client
+from tests.servers import ServerFactory
+
+pytestmark = pytest.mark.slow  # floods and queue limits
 
 AGENT_KEY = "kQ7vN2xLp9RwT4zHc8JmB3sYfD6g"
 AGENT_KEYS = (("alex", AGENT_KEY),)
@@ -38,9 +40,8 @@ def _history(redis_sync: redis.Redis, session_id: str) -> list[dict[str, Any]]:
     return [orjson.loads(raw) for raw in redis_sync.lrange(f"chat:history:{{{session_id}}}", 0, -1)]
 
 
-async def _rest_session(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
-    async with http.post(f"{url}/api/v1/chat/session", json={"userId": "rest-user"}) as response:
-        body = await response.json()
+async def _rest_session(http: Http, url: str) -> tuple[str, str]:
+    _, body, _ = await http.post(f"{url}/api/v1/chat/session", {"userId": "rest-user"})
     return body["sessionId"], body["token"]
 
 
@@ -130,7 +131,7 @@ async def test_unawaited_flood_memory_comes_back(start_server: ServerFactory, co
         for _ in range(200):
             await client.emit("send-message", {"sessionId": session_id, "message": big})
     await asyncio.sleep(0.5)
-    queued = sum(len(q) for q in chat._queues.values())
+    queued = chat.waiting
     assert queued <= 10 * 20  # MAX_PENDING_PER_SESSION's default
     for client, _, _ in clients:
         await client.disconnect()
@@ -190,16 +191,16 @@ async def test_one_ticket_per_session_under_a_race(start_server: ServerFactory, 
     await client.reply_to(sent["messageId"])
     double.set_mode("both", "ok", delay=0.3)  # each ticket's summary takes a while: the window of the race
     handoff = server.app[HANDOFF]
-    tickets = await asyncio.gather(*(handoff.open_ticket(session_id, "user_request", "race") for _ in range(20)))
+    tickets = await asyncio.gather(*(handoff.tickets.open(session_id, "user_request", "race") for _ in range(20)))
     assert len({t["id"] for t in tickets}) == 1
-    assert len(await server.app[SESSIONS].session_ticket_ids(session_id)) == 1
+    assert len(await server.app[STORAGE].tickets.session_ticket_ids(session_id)) == 1
     # once it is resolved, a new escalation may open a new one
-    await handoff.resolve_ticket(tickets[0]["id"], "alex", "done")
-    again = await handoff.open_ticket(session_id, "user_request", "again")
+    await handoff.tickets.resolve(tickets[0]["id"], "alex", "done")
+    again = await handoff.tickets.open(session_id, "user_request", "again")
     assert again["id"] != tickets[0]["id"]
 
 
-async def test_tickets_per_client_are_limited(start_server: ServerFactory, connect: Any) -> None:
+async def test_tickets_per_client_are_limited(start_server: ServerFactory, connect: Any, http: Http) -> None:
     server = await start_server(tickets_per_client_per_hour=2, agent_api_keys=_agent_keys())
     client, first, _ = await joined_client(connect, server.url)
     sessions = [first] + [(await client.call("join-chat", {"userId": "u1"}))["sessionId"] for _ in range(2)]
@@ -208,92 +209,82 @@ async def test_tickets_per_client_are_limited(start_server: ServerFactory, conne
     await client.wait_for("contact-requested", count=2)
     refused = await client.call("provide-contact", {"sessionId": sessions[2], "email": "x@example.com"})
     assert not refused["ok"] and refused["error"]["code"] == "rate_limited"
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AGENT_KEY}"}) as http:
-        async with http.get(f"{server.url}/api/v1/tickets") as response:
-            listing = await response.json()
+    _, listing, _ = await http.get(f"{server.url}/api/v1/tickets", AGENT_KEY)
     assert sorted(t["sessionId"] for t in listing["tickets"]) == sorted(sessions[:2])
 
 
 async def test_history_is_capped_and_pages_stay_right(
-    start_server: ServerFactory, redis_sync: redis.Redis, double: ProviderDouble
+    start_server: ServerFactory, redis_sync: redis.Redis, double: ProviderDouble, http: Http
 ) -> None:
     server = await start_server(max_history_per_session=9, rate_limit_messages_per_minute=0)
-    async with aiohttp.ClientSession() as http:
-        session_id, token = await _rest_session(http, server.url)
-        headers = {"Authorization": f"Bearer {token}"}
-        replies = []
-        for i in range(12):
-            body = {"sessionId": session_id, "message": f"question {i}", "clientMessageId": f"c{i}"}
-            async with http.post(f"{server.url}/api/v1/chat/message", json=body, headers=headers) as response:
-                assert response.status == 200
-                replies.append((await response.json())["reply"])
-        stored = _history(redis_sync, session_id)
-        assert len(stored) == 9 and stored[-1]["id"] == replies[-1]["id"]
-        assert redis_sync.hlen(f"chat:msgindex:{{{session_id}}}") == 9
-        assert redis_sync.hlen(f"chat:clientids:{{{session_id}}}") <= 5
-        # the model still got the messages just before the new one
-        assert "question 10" in orjson.dumps(double.requests["openai"][-1]["body"]).decode()
-        # paging back with `before` walks exactly the kept messages, in order
-        seen: list[dict[str, Any]] = []
-        before = None
-        while True:
-            query = f"?limit=4{'&before=' + before if before else ''}"
-            async with http.get(f"{server.url}/api/v1/chat/history/{session_id}{query}", headers=headers) as response:
-                page = await response.json()
-            seen = page["messages"] + seen
-            if not page["hasMore"]:
-                break
-            before = page["messages"][0]["id"]
-        assert [m["id"] for m in seen] == [m["id"] for m in stored]
-        async with http.get(
-            f"{server.url}/api/v1/chat/history/{session_id}?before={replies[0]['id']}", headers=headers
-        ) as response:
-            assert response.status == 400  # a trimmed message is no longer known
-        # a retried clientMessageId still kept answers with the first message; a reply still kept takes feedback
-        body = {"sessionId": session_id, "message": "question 11", "clientMessageId": "c11"}
-        async with http.post(f"{server.url}/api/v1/chat/message", json=body, headers=headers) as response:
-            again = await response.json()
-        assert again["reply"]["id"] == replies[-1]["id"]
-        feedback = {"sessionId": session_id, "messageId": replies[-1]["id"], "rating": "up"}
-        async with http.post(f"{server.url}/api/v1/chat/feedback", json=feedback, headers=headers) as response:
-            assert response.status in (200, 204), await response.text()
+    session_id, token = await _rest_session(http, server.url)
+    replies = []
+    for i in range(12):
+        body = {"sessionId": session_id, "message": f"question {i}", "clientMessageId": f"c{i}"}
+        response = await http.post(f"{server.url}/api/v1/chat/message", body, token)
+        assert response.status == 200
+        replies.append(response.body["reply"])
+    stored = _history(redis_sync, session_id)
+    assert len(stored) == 9 and stored[-1]["id"] == replies[-1]["id"]
+    assert redis_sync.hlen(f"chat:msgindex:{{{session_id}}}") == 9
+    assert redis_sync.hlen(f"chat:clientids:{{{session_id}}}") <= 5
+    # the model still got the messages just before the new one
+    assert "question 10" in orjson.dumps(double.requests["openai"][-1]["body"]).decode()
+    # paging back with `before` walks exactly the kept messages, in order
+    seen: list[dict[str, Any]] = []
+    before = None
+    while True:
+        query = f"?limit=4{'&before=' + before if before else ''}"
+        _, page, _ = await http.get(f"{server.url}/api/v1/chat/history/{session_id}{query}", token)
+        seen = page["messages"] + seen
+        if not page["hasMore"]:
+            break
+        before = page["messages"][0]["id"]
+    assert [m["id"] for m in seen] == [m["id"] for m in stored]
+    response = await http.get(f"{server.url}/api/v1/chat/history/{session_id}?before={replies[0]['id']}", token)
+    assert response.status == 400  # a trimmed message is no longer known
+    # a retried clientMessageId still kept answers with the first message; a reply still kept takes feedback
+    body = {"sessionId": session_id, "message": "question 11", "clientMessageId": "c11"}
+    _, again, _ = await http.post(f"{server.url}/api/v1/chat/message", body, token)
+    assert again["reply"]["id"] == replies[-1]["id"]
+    feedback = {"sessionId": session_id, "messageId": replies[-1]["id"], "rating": "up"}
+    response = await http.post(f"{server.url}/api/v1/chat/feedback", feedback, token)
+    assert response.status in (200, 204), response.body
     assert len(_history(redis_sync, session_id)) == 9
 
 
 # Item 9: ticket listing -------------------------------------------------------------------------------------
-async def test_a_ticket_flood_does_not_hide_real_tickets(start_server: ServerFactory, connect: Any) -> None:
+async def test_a_ticket_flood_does_not_hide_real_tickets(start_server: ServerFactory, connect: Any, http: Http) -> None:
     server = await start_server(agent_api_keys=_agent_keys())
-    sessions = server.app[SESSIONS]
+    tickets = server.app[STORAGE].tickets
     handoff = server.app[HANDOFF]
     _, real_session, _ = await joined_client(connect, server.url)
-    real = await handoff.open_ticket(real_session, "user_request", "a real customer")
-    await handoff.resolve_ticket(real["id"], "alex", "refunded")
+    real = await handoff.tickets.open(real_session, "user_request", "a real customer")
+    await handoff.tickets.resolve(real["id"], "alex", "refunded")
     for i in range(110):
-        await sessions.save_ticket(
+        await tickets.save(
             {"id": f"T-SPAM{i:04d}", "sessionId": f"spam-{i}", "status": "open", "createdAt": "", "transcript": []}
         )
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AGENT_KEY}"}) as http:
-        async with http.get(f"{server.url}/api/v1/tickets?status=resolved") as response:
-            resolved = await response.json()
-        assert [t["id"] for t in resolved["tickets"]] == [real["id"]]
-        assert resolved["nextCursor"] is None
-        ids: list[str] = []
-        cursor = None
-        while True:
-            query = "?limit=40" + (f"&cursor={cursor}" if cursor else "")
-            async with http.get(f"{server.url}/api/v1/tickets{query}") as response:
-                assert response.status == 200
-                page = await response.json()
-            assert len(page["tickets"]) <= 40
-            ids += [t["id"] for t in page["tickets"]]
-            cursor = page["nextCursor"]
-            if cursor is None:
-                break
-        assert len(ids) == 111 and len(set(ids)) == 111 and ids[-1] == real["id"]
-        async with http.get(f"{server.url}/api/v1/tickets?cursor=garbage!") as response:
-            assert response.status == 400
-        async with http.get(f"{server.url}/api/v1/tickets?limit=0") as response:
-            assert response.status == 400
+    _, resolved, _ = await http.get(f"{server.url}/api/v1/tickets?status=resolved", AGENT_KEY)
+    assert [t["id"] for t in resolved["tickets"]] == [real["id"]]
+    assert resolved["nextCursor"] is None
+    ids: list[str] = []
+    cursor = None
+    while True:
+        query = "?limit=40" + (f"&cursor={cursor}" if cursor else "")
+        response = await http.get(f"{server.url}/api/v1/tickets{query}", AGENT_KEY)
+        assert response.status == 200
+        page = response.body
+        assert len(page["tickets"]) <= 40
+        ids += [t["id"] for t in page["tickets"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert len(ids) == 111 and len(set(ids)) == 111 and ids[-1] == real["id"]
+    response = await http.get(f"{server.url}/api/v1/tickets?cursor=garbage!", AGENT_KEY)
+    assert response.status == 400
+    response = await http.get(f"{server.url}/api/v1/tickets?limit=0", AGENT_KEY)
+    assert response.status == 400
 
 
 @pytest.fixture(autouse=True)
@@ -301,7 +292,7 @@ def _quiet_double(double: ProviderDouble) -> None:
     double.reset()
 
 
-async def test_a_crafted_ticket_cursor_is_a_validation_error(start_server) -> None:
+async def test_a_crafted_ticket_cursor_is_a_validation_error(start_server, http: Http) -> None:
     """A cursor holding a non-finite score (Redis refuses nan) answers 400, never 500."""
     import base64
 
@@ -309,6 +300,5 @@ async def test_a_crafted_ticket_cursor_is_a_validation_error(start_server) -> No
     for score in ("nan", "inf", "-inf"):
         raw = orjson.dumps({"id": "T-NOPE", "s": score})
         cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AGENT_KEY}"}) as http:
-            async with http.get(f"{server.url}/api/v1/tickets?cursor={cursor}") as response:
-                assert response.status == 400, (score, response.status, await response.text())
+        response = await http.get(f"{server.url}/api/v1/tickets?cursor={cursor}", AGENT_KEY)
+        assert response.status == 400, (score, response.status, response.body)

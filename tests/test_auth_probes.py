@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pytest
 import socketio
 
 from server.settings import Secret
-from tests.conftest import joined_client
+from tests.clients import joined_client
 
 AGENT_KEY = "probe-agent-key-5150-97ce"
 
@@ -21,13 +20,6 @@ async def probe_server(start_server):
     return await start_server(
         agent_api_keys=(("pat", Secret(AGENT_KEY)),), session_timeout_ms=2000, agent_auth_failures_per_minute=0
     )
-
-
-async def request(method: str, url: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as response:
-        text = await response.text()
-        return response.status, (await response.json()) if text.startswith("{") else {}
 
 
 def customer_routes(session_id: str) -> list[tuple[str, str, dict | None]]:
@@ -47,26 +39,26 @@ AGENT_ROUTES = [
 ]
 
 
-async def test_customer_routes_refuse_every_wrong_credential(probe_server, connect, redis_sync) -> None:
+async def test_customer_routes_refuse_every_wrong_credential(probe_server, connect, redis_sync, http) -> None:
     url = probe_server.url
     _, session_id, token = await joined_client(connect, url, "victim")
     _, _, other_token = await joined_client(connect, url, "attacker")
     for presented in (None, "", "wrong-token", other_token, AGENT_KEY, token + "x"):
         for method, path, body in customer_routes(session_id):
-            status, answer = await request(method, url + path, presented, body)
+            status, answer, _ = await http.request(method, url + path, body, presented)
             assert status == 401 and answer["error"]["code"] == "unauthorized", (presented, method, path)
             assert "messages" not in answer and "session" not in answer
     assert redis_sync.llen(f"chat:history:{{{session_id}}}") == 0
     assert redis_sync.exists(f"chat:session:{{{session_id}}}")
 
 
-async def test_agent_routes_refuse_session_tokens_and_bad_keys(probe_server, connect) -> None:
+async def test_agent_routes_refuse_session_tokens_and_bad_keys(probe_server, connect, http) -> None:
     _, _, token = await joined_client(connect, probe_server.url)
     for presented in (None, "wrong", token, AGENT_KEY.upper()):
         for method, path, body in AGENT_ROUTES:
-            status, answer = await request(method, probe_server.url + path, presented, body)
+            status, answer, _ = await http.request(method, probe_server.url + path, body, presented)
             assert status == 401 and answer["error"]["code"] == "unauthorized", (presented, path)
-    status, _ = await request("GET", probe_server.url + "/api/v1/tickets", AGENT_KEY)
+    status, _, _ = await http.request("GET", probe_server.url + "/api/v1/tickets", token=AGENT_KEY)
     assert status == 200
 
 
@@ -96,16 +88,16 @@ async def test_socket_events_refuse_sessions_not_joined_with_their_token(probe_s
 async def test_agent_namespace_refuses_session_tokens(probe_server, connect) -> None:
     _, _, token = await joined_client(connect, probe_server.url)
     for auth in ({"key": token}, {"token": token}, {"key": "nope"}, None):
-        client = socketio.AsyncClient(reconnection=False)
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.connect(probe_server.url, namespaces=["/agents"], auth=auth, transports=["websocket"], wait_timeout=3)
+            await connect(probe_server.url, namespaces=["/agents"], auth=auth, wait_timeout=3)
 
 
-async def test_expired_session_token_stops_working(probe_server, connect) -> None:
+@pytest.mark.slow  # waits out a 2 s session TTL in Redis
+async def test_expired_session_token_stops_working(probe_server, connect, http) -> None:
     first, session_id, token = await joined_client(connect, probe_server.url)
     await first.disconnect()
     await asyncio.sleep(3)  # SESSION_TIMEOUT is 2 s here
-    status, answer = await request("GET", f"{probe_server.url}/api/v1/chat/history/{session_id}", token)
+    status, answer, _ = await http.request("GET", f"{probe_server.url}/api/v1/chat/history/{session_id}", token=token)
     assert status == 401 and answer["error"]["code"] == "unauthorized"
     again = await connect(probe_server.url)
     ack = await again.call("join-chat", {"sessionId": session_id, "token": token})

@@ -96,7 +96,7 @@ async def test_page_resumes_after_a_network_drop_without_duplicates(browser, ser
     page = await open_chat(browser, server.url)
     await say(page, "first question")
     await expect(page.locator('.msg[data-role="assistant"] .msg-text').last).to_contain_text("tok5", timeout=15000)
-    await page.evaluate("window.supportChat.socket.io.engine.close()")
+    await page.evaluate("async () => (await import('/static/chat.js')).socket().io.engine.close()")
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000)
     expected = " ".join(f"tok{i}" for i in range(80))
     await expect(page.locator('.msg[data-role="assistant"] .msg-text').last).to_have_text(expected, timeout=15000)
@@ -205,7 +205,7 @@ async def test_agent_console_refuses_and_forgets_a_wrong_key(browser, start_serv
     await agent.reload()
     await expect(status).to_have_text("Sign-in refused", timeout=15000)
     assert await stored_agent_key(agent) is None
-    assert await agent.evaluate("window.agentConsole.socket.active") is False
+    assert await agent.evaluate("async () => (await import('/static/agent.js')).socket().active") is False
 
     await agent.fill("#agent-key", "alex-key-123-4567-89ab")
     await agent.click("#sign-in")
@@ -214,7 +214,7 @@ async def test_agent_console_refuses_and_forgets_a_wrong_key(browser, start_serv
 
 
 async def test_dashboard_draws_the_analytics(browser, start_server, connect, double) -> None:
-    from tests.conftest import joined_client
+    from tests.clients import joined_client
 
     server = await start_server(agent_api_keys=(("ana", Secret("ana-key-2468-ace0-1357")),))
     client, session_id, _ = await joined_client(connect, server.url)

@@ -21,9 +21,8 @@ import redis
 
 from devtools.provider_double import ProviderDouble
 from server.settings import PROJECT_ROOT, Settings
-from tests.conftest import Recorder
+from tests.clients import Http, Recorder, open_http, parse_sse
 from tests.processes import ServerProcess, rss_mb
-from tests.test_streaming import parse_sse
 
 pytestmark = pytest.mark.slow
 
@@ -160,30 +159,28 @@ def output_of(log: Path) -> str:
 async def wait_until_serving(url: str, nginx: asyncio.subprocess.Process, log: Path, timeout: float = 15) -> None:
     """Wait until nginx answers /health from a process behind it; fail with nginx's own output if it died."""
     deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as http:
+    async with open_http() as http:
         while asyncio.get_running_loop().time() < deadline:
             if nginx.returncode is not None:
                 raise AssertionError(f"nginx -c deploy/nginx.conf exited with {nginx.returncode}:\n{output_of(log)}")
             with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
+                if (await http.get(f"{url}/health")).status == 200:
+                    return
             await asyncio.sleep(0.1)
     raise AssertionError(f"nginx did not serve /health in {timeout} s:\n{output_of(log)}")
 
 
-async def new_session(http: aiohttp.ClientSession, url: str, visitor: str, user: str) -> tuple[int, dict[str, Any]]:
+async def new_session(http: Http, url: str, visitor: str, user: str) -> tuple[int, dict[str, Any]]:
     """POST /api/v1/chat/session through nginx as a visitor whose address nginx puts in X-Forwarded-For."""
-    headers = {"X-Forwarded-For": visitor}
-    async with http.post(f"{url}/api/v1/chat/session", json={"userId": user}, headers=headers) as response:
-        return response.status, await response.json()
+    status, body, _ = await http.post(f"{url}/api/v1/chat/session", {"userId": user}, headers={"X-Forwarded-For": visitor})
+    return status, body
 
 
 async def test_one_visitor_at_the_session_limit_does_not_lock_out_another(deployment: Deployment, redis_url: str) -> None:
     limit = Settings().rate_limit_sessions_per_minute  # the Procfile leaves the limit at its default
     before = [rss_mb(process.process.pid) for process in deployment.web]
     gate = asyncio.Semaphore(16)
-    async with aiohttp.ClientSession() as http:
+    async with open_http() as http:  # keep-alive through nginx, as browsers do
 
         async def open_one(i: int) -> int:
             async with gate:
@@ -226,7 +223,7 @@ async def chat_once(client: Recorder, user: str) -> dict[str, Any]:
     return received["message"]
 
 
-async def test_socketio_over_websocket_and_polling_and_sse_through_nginx(deployment: Deployment) -> None:
+async def test_socketio_over_websocket_and_polling_and_sse_through_nginx(deployment: Deployment, http: Http) -> None:
     websocket = Recorder()
     await websocket.connect(deployment.url, headers={"X-Forwarded-For": VISITOR_A})
     polling = Recorder()
@@ -243,13 +240,12 @@ async def test_socketio_over_websocket_and_polling_and_sse_through_nginx(deploym
         with contextlib.suppress(Exception):
             await polling.client.eio.disconnect(abort=True)
 
-    async with aiohttp.ClientSession() as http:
-        status, session = await new_session(http, deployment.url, VISITOR_A, "sse-visitor")
-        assert status == 201
-        headers = {"Authorization": f"Bearer {session['token']}", "X-Forwarded-For": VISITOR_A}
-        body = {"sessionId": session["sessionId"], "message": "stream through nginx"}
-        async with http.post(f"{deployment.url}/api/v1/chat/message/stream", json=body, headers=headers) as response:
-            assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
-            events = parse_sse(await response.text())
+    status, session = await new_session(http, deployment.url, VISITOR_A, "sse-visitor")
+    assert status == 201
+    headers = {"X-Forwarded-For": VISITOR_A}
+    body = {"sessionId": session["sessionId"], "message": "stream through nginx"}
+    response = await http.post(f"{deployment.url}/api/v1/chat/message/stream", body, session["token"], headers=headers)
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_sse(response.body)
     names = [name for name, _ in events]
     assert names[0] == "accepted" and names[-1] == "done" and "chunk" in names, names

@@ -11,15 +11,13 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 import redis
 
 from server.settings import PROJECT_ROOT
 from server.storage.redis import redis_server_binary
-from tests.conftest import Recorder, joined_client
+from tests.clients import Http, Recorder, joined_client
 from tests.processes import ServerProcess
 
 pytestmark = [
@@ -158,21 +156,16 @@ def start_orphan(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     return orphan, dead.pid
 
 
-async def rest(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as response:
-        return response.status, await response.json()
-
-
-async def test_kill_9_takes_the_redis_child_down_and_the_next_start_has_the_history(launch: Launch, data_dir: Path) -> None:
+async def test_kill_9_takes_the_redis_child_down_and_the_next_start_has_the_history(
+    launch: Launch, data_dir: Path, http: Http
+) -> None:
     first = await launch()
     child = redis_pid(data_dir)
     assert parent_of(child) == first.pid
     assert os.getsid(child) == child, "redis-server must run in its own session, away from the terminal's signals"
     assert json.loads((data_dir / "redis.owner").read_text())["serverPid"] == first.pid
-    _, session = await rest("POST", f"{first.url}/api/v1/chat/session", {"userId": "killed"})
-    status, answer = await rest(
-        "POST",
+    _, session, _ = await http.post(f"{first.url}/api/v1/chat/session", {"userId": "killed"})
+    status, answer, _ = await http.post(
         f"{first.url}/api/v1/chat/message",
         {"sessionId": session["sessionId"], "message": "What is your return policy?"},
         session["token"],
@@ -187,7 +180,7 @@ async def test_kill_9_takes_the_redis_child_down_and_the_next_start_has_the_hist
 
     second = await launch()
     assert redis_pid(data_dir) != child
-    status, history = await rest("GET", f"{second.url}/api/v1/chat/history/{session['sessionId']}", token=session["token"])
+    status, history, _ = await http.get(f"{second.url}/api/v1/chat/history/{session['sessionId']}", session["token"])
     assert status == 200
     assert [m["content"] for m in history["messages"]] == ["What is your return policy?", answer["reply"]["content"]]
 
@@ -239,7 +232,7 @@ async def test_the_parent_death_signal_holds_under_both_event_loops(loop: str, d
             os.kill(redis_pid(data_dir), signal.SIGKILL)
 
 
-async def test_an_orphan_with_a_dead_owner_is_taken_over_without_losing_data(launch: Launch, data_dir: Path) -> None:
+async def test_an_orphan_with_a_dead_owner_is_taken_over_without_losing_data(launch: Launch, data_dir: Path, http: Http) -> None:
     orphan, dead = start_orphan(data_dir)
     try:
         for _ in range(200):
@@ -264,7 +257,7 @@ async def test_an_orphan_with_a_dead_owner_is_taken_over_without_losing_data(lau
         assert client.get("left:by:the:orphan") == b"kept"
         assert client.llen("left:list") == 1000
         client.close()
-        _, health = await rest("GET", f"{server.url}/api/v1/health")
+        _, health, _ = await http.get(f"{server.url}/api/v1/health")
         assert health["redis"]["status"] == "ok"
 
         await server.stop()
@@ -294,7 +287,9 @@ async def test_ctrl_c_to_the_process_group_reaches_the_server_not_its_redis(
     assert not (data_dir / "redis.owner").exists()
 
 
-async def test_a_second_server_on_the_same_data_dir_reuses_the_live_owners_redis(launch: Launch, data_dir: Path) -> None:
+async def test_a_second_server_on_the_same_data_dir_reuses_the_live_owners_redis(
+    launch: Launch, data_dir: Path, http: Http
+) -> None:
     first = await launch()
     child = redis_pid(data_dir)
     second = await launch()
@@ -303,7 +298,7 @@ async def test_a_second_server_on_the_same_data_dir_reuses_the_live_owners_redis
 
     await second.stop()
     assert running(child), "a server that merely reused the Redis stopped it"
-    _, health = await rest("GET", f"{first.url}/api/v1/health")
+    _, health, _ = await http.get(f"{first.url}/api/v1/health")
     assert health["redis"]["status"] == "ok"
 
     await first.stop()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
 
 from devtools.provider_double import ProviderDouble
-from tests.conftest import Recorder, RunningServer, free_port, joined_client
+from server.ai.breaker import CircuitBreaker
+from server.app_keys import CHAIN
+from tests.clients import Recorder, joined_client, request
+from tests.fakes import FakeClock
+from tests.processes import free_port
+from tests.servers import RunningServer
 
 
 async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:
@@ -19,8 +23,14 @@ async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:
 
 
 async def health(server: RunningServer) -> dict:
-    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/v1/health") as response:
-        return await response.json()
+    return (await request("GET", f"{server.url}/api/v1/health")).body
+
+
+def breakers_on(server: RunningServer, clock: FakeClock) -> None:
+    """Put the server's circuit breakers on `clock` (before any call), so a test moves time instead of sleeping."""
+    chain = server.app[CHAIN]
+    for name, breaker in list(chain.breakers.items()):
+        chain.breakers[name] = CircuitBreaker(breaker.threshold, breaker.cooldown, clock)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +100,8 @@ async def test_provider_without_key_is_skipped(start_server, connect, double) ->
 
 async def test_breaker_opens_half_opens_and_closes(start_server, connect, double) -> None:
     server = await start_server(provider_failure_threshold=2, provider_cooldown=1.0)
+    clock = FakeClock()
+    breakers_on(server, clock)
     client, session_id, _ = await joined_client(connect, server.url)
     double.set_mode("openai", "status", status=500)
     for _ in range(2):
@@ -102,7 +114,7 @@ async def test_breaker_opens_half_opens_and_closes(start_server, connect, double
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
     assert len(double.requests["openai"]) == 2
 
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     states = {p["name"]: p for p in (await health(server))["providers"]}
     assert states["openai"]["state"] == "half_open"
     # half open: one trial, which fails and re-opens at once
@@ -110,7 +122,7 @@ async def test_breaker_opens_half_opens_and_closes(start_server, connect, double
     assert len(double.requests["openai"]) == 3
     assert {p["name"]: p for p in (await health(server))["providers"]}["openai"]["state"] == "open"
 
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     double.set_mode("openai", "ok")
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "openai"
     assert {p["name"]: p for p in (await health(server))["providers"]}["openai"]["state"] == "closed"
@@ -118,13 +130,15 @@ async def test_breaker_opens_half_opens_and_closes(start_server, connect, double
 
 async def test_rate_limit_retry_after_opens_the_circuit_for_that_long(start_server, connect, double) -> None:
     server = await start_server(provider_failure_threshold=5)
+    clock = FakeClock()
+    breakers_on(server, clock)
     client, session_id, _ = await joined_client(connect, server.url)
     double.set_mode("openai", "status", status=429, retry_after=1)
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
     double.set_mode("openai", "ok")
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "gemini"
     assert len(double.requests["openai"]) == 1
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "openai"
 
 
@@ -246,6 +260,7 @@ async def test_a_failed_probe_reopens_its_circuit_and_the_message_escalates(star
     assert await states(server) == {"openai": "open", "gemini": "open"}
 
 
+@pytest.mark.slow  # probes hang until the first-token timeout
 async def test_concurrent_messages_in_a_panic_probe_each_dead_provider_once(start_server, connect, double) -> None:
     server = await start_server(ai_providers=("openai", "gemini"), provider_cooldown=300)
     client, session_id, _ = await joined_client(connect, server.url)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Recorder, joined_client
+from tests.clients import Recorder, joined_client
+
+pytestmark = pytest.mark.slow  # hypothesis over the contract
 
 ERROR_CODES = {"validation_error", "unauthorized", "not_found", "payload_too_large", "rate_limited", "unavailable"}
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -45,17 +46,11 @@ def assert_well_formed(status: int, body: object) -> None:
         assert body["error"]["code"] in ERROR_CODES and isinstance(body["error"]["message"], str)
 
 
-async def call(method: str, url: str, body: object, token: str | None = None) -> tuple[int, object]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as response:
-        return response.status, await response.json()
-
-
 @FUZZ
 @given(body=bodies("userId", "metadata"))
-async def test_fuzz_create_session(server, redis_sync, body) -> None:
+async def test_fuzz_create_session(server, redis_sync, body, http) -> None:
     before = len(redis_sync.keys("chat:session:*"))
-    status, answer = await call("POST", f"{server.url}/api/v1/chat/session", body)
+    status, answer, _ = await http.post(f"{server.url}/api/v1/chat/session", body)
     assert_well_formed(status, answer)
     after = len(redis_sync.keys("chat:session:*"))
     assert after == before + (1 if status == 201 else 0)
@@ -63,12 +58,12 @@ async def test_fuzz_create_session(server, redis_sync, body) -> None:
 
 @FUZZ
 @given(body=bodies("sessionId", "message", "clientMessageId"))
-async def test_fuzz_send_message(server, redis_sync, body) -> None:
-    status, session = await call("POST", f"{server.url}/api/v1/chat/session", {"userId": "fuzz"})
+async def test_fuzz_send_message(server, redis_sync, body, http) -> None:
+    status, session, _ = await http.post(f"{server.url}/api/v1/chat/session", {"userId": "fuzz"})
     key = f"chat:history:{{{session['sessionId']}}}"
     if isinstance(body, dict) and body.get("sessionId") == "__own__":
         body["sessionId"] = session["sessionId"]
-    status, answer = await call("POST", f"{server.url}/api/v1/chat/message", body, session["token"])
+    status, answer, _ = await http.post(f"{server.url}/api/v1/chat/message", body, session["token"])
     assert_well_formed(status, answer)
     if status != 200:
         assert redis_sync.llen(key) == 0
@@ -76,17 +71,10 @@ async def test_fuzz_send_message(server, redis_sync, body) -> None:
 
 @FUZZ
 @given(query=st.dictionaries(st.sampled_from(["limit", "before", "x"]), st.text(max_size=12), max_size=3))
-async def test_fuzz_history_query(server, query) -> None:
-    _, session = await call("POST", f"{server.url}/api/v1/chat/session", {"userId": "fuzz"})
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(
-            f"{server.url}/api/v1/chat/history/{session['sessionId']}",
-            params=query,
-            headers={"Authorization": f"Bearer {session['token']}"},
-        ) as response,
-    ):
-        assert_well_formed(response.status, await response.json())
+async def test_fuzz_history_query(server, query, http) -> None:
+    _, session, _ = await http.post(f"{server.url}/api/v1/chat/session", {"userId": "fuzz"})
+    response = await http.get(f"{server.url}/api/v1/chat/history/{session['sessionId']}", session["token"], params=query)
+    assert_well_formed(response.status, response.body)
 
 
 @FUZZ
@@ -96,7 +84,7 @@ async def test_fuzz_history_query(server, query) -> None:
 )
 @example(event="join-chat", payload={"userId": "u", "metadata": {"big": 2**70}})  # once broke the orjson codec
 @example(event="send-message", payload={"sessionId": 2**70, "message": "x"})
-async def test_fuzz_socket_events(server, connect, redis_sync, event, payload) -> None:
+async def test_fuzz_socket_events(server, connect, redis_sync, event, payload, http) -> None:
     client: Recorder = await connect(server.url)
     _, session_id, _ = await joined_client(connect, server.url, "fuzz-owner")
     if isinstance(payload, dict) and payload.get("sessionId") == "__own__":
@@ -111,5 +99,5 @@ async def test_fuzz_socket_events(server, connect, redis_sync, event, payload) -
             assert ack["error"]["code"] in ERROR_CODES, ack
     assert redis_sync.llen(f"chat:history:{{{session_id}}}") == before  # a stranger's socket stores nothing there
     await client.disconnect()
-    status, _ = await call("GET", f"{server.url}/health", None)
+    status, _, _ = await http.get(f"{server.url}/health")
     assert status == 200

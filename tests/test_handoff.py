@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pytest
 import socketio
 
-from server.settings import Secret
-from tests.conftest import Recorder, joined_client
-
-AGENT_KEYS = (("alex", Secret("alex-key-123-4567-89ab")), ("sam", Secret("sam-key-456-7890-cdef")))
-
-
-async def agent_client(url: str, key: str) -> Recorder:
-    recorder = Recorder("/agents")
-    await recorder.client.connect(url, namespaces=["/agents"], auth={"key": key}, transports=["websocket"], wait_timeout=5)
-    return recorder
-
-
-async def agent_call(agent: Recorder, event: str, data=None) -> dict:
-    return await agent.client.call(event, data, namespace="/agents", timeout=10)
+from tests.clients import agent_call, joined_client
+from tests.servers import AGENT_KEYS
 
 
 @pytest.fixture
@@ -29,21 +16,7 @@ async def handoff_server(start_server):
     return await start_server(agent_api_keys=AGENT_KEYS, agent_wait_timeout=30.0)
 
 
-@pytest.fixture
-async def agents():
-    opened: list[Recorder] = []
-
-    async def open_agent(url: str, key: str = "alex-key-123-4567-89ab") -> Recorder:
-        agent = await agent_client(url, key)
-        opened.append(agent)
-        return agent
-
-    yield open_agent
-    for agent in opened:
-        await agent.disconnect()
-
-
-async def test_full_handoff_round_trip(handoff_server, connect, agents, double) -> None:
+async def test_full_handoff_round_trip(handoff_server, connect, agents, double, http) -> None:
     url = handoff_server.url
     agent = await agents(url)
     assert (await agent_call(agent, "get-queue"))["queue"] == []
@@ -90,9 +63,8 @@ async def test_full_handoff_round_trip(handoff_server, connect, agents, double) 
     back = await customer.reply_to(sent["messageId"])
     assert back["message"]["role"] == "assistant" and back["message"]["provider"] == "openai"
 
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/api/v1/chat/history/{session_id}", headers={"Authorization": f"Bearer {token}"}) as r:
-            roles = [m["role"] for m in (await r.json())["messages"]]
+    _, history, _ = await http.get(f"{url}/api/v1/chat/history/{session_id}", token)
+    roles = [m["role"] for m in history["messages"]]
     assert "agent" in roles and roles.count("user") == 3
 
 
@@ -111,29 +83,23 @@ async def test_two_agents_claiming_at_once_exactly_one_wins(handoff_server, conn
     assert len(await customer.wait_for("agent-joined")) == 1
 
 
-async def test_agents_namespace_refuses_bad_keys_and_customers_cannot_use_agent_events(handoff_server, connect) -> None:
+async def test_agents_namespace_refuses_bad_keys_and_customers_cannot_use_agent_events(handoff_server, connect, http) -> None:
     for auth in (None, {}, {"key": "wrong"}, {"key": ""}):
-        client = socketio.AsyncClient(reconnection=False)
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.connect(handoff_server.url, namespaces=["/agents"], auth=auth, transports=["websocket"], wait_timeout=3)
-        await client.disconnect()
+            await connect(handoff_server.url, namespaces=["/agents"], auth=auth, wait_timeout=3)
     customer, session_id, token = await joined_client(connect, handoff_server.url)
     await customer.call("escalate", {"sessionId": session_id})
     for event in ("claim", "agent-message", "release", "close"):
         ack = await customer.call(event, {"sessionId": session_id, "message": "I am the agent now"})
         assert ack["ok"] is False and ack["error"]["code"] == "unauthorized"
     # a customer's session token is not an agent key
-    client = socketio.AsyncClient(reconnection=False)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(
-            handoff_server.url, namespaces=["/agents"], auth={"key": token}, transports=["websocket"], wait_timeout=3
-        )
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{handoff_server.url}/api/v1/tickets", headers={"Authorization": f"Bearer {token}"}) as r:
-            assert r.status == 401
+        await connect(handoff_server.url, namespaces=["/agents"], auth={"key": token}, wait_timeout=3)
+    r = await http.get(f"{handoff_server.url}/api/v1/tickets", token)
+    assert r.status == 401
 
 
-async def test_no_agent_online_asks_for_contact_and_creates_ticket(handoff_server, connect) -> None:
+async def test_no_agent_online_asks_for_contact_and_creates_ticket(handoff_server, connect, http) -> None:
     customer, session_id, _ = await joined_client(connect, handoff_server.url)
     sent = await customer.call("send-message", {"sessionId": session_id, "message": "I need help with order 42"})
     await customer.reply_to(sent["messageId"])
@@ -148,27 +114,23 @@ async def test_no_agent_online_asks_for_contact_and_creates_ticket(handoff_serve
     note = await customer.wait_for("message-received", lambda d: "jo@example.com" in d["message"]["content"])
     assert note[0]["message"]["role"] == "system"
 
-    headers = {"Authorization": "Bearer alex-key-123-4567-89ab"}
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{handoff_server.url}/api/v1/tickets", headers=headers) as r:
-            listing = await r.json()
-        assert [t["id"] for t in listing["tickets"]] == [ok["ticketId"]]
-        async with http.get(f"{handoff_server.url}/api/v1/tickets/{ok['ticketId']}", headers=headers) as r:
-            ticket = await r.json()
-        assert ticket["contact"] == {"email": "jo@example.com"} and ticket["status"] == "open"
-        assert ticket["summary"] and any(m["content"] == "I need help with order 42" for m in ticket["transcript"])
-        assert ticket["trigger"] == "user_request"
-        async with http.post(
-            f"{handoff_server.url}/api/v1/tickets/{ok['ticketId']}/resolve", json={"resolution": "refunded"}, headers=headers
-        ) as r:
-            assert r.status == 200 and (await r.json())["status"] == "resolved"
-        async with http.get(f"{handoff_server.url}/api/v1/tickets/T-NOPE", headers=headers) as r:
-            assert r.status == 404
+    key = "alex-key-123-4567-89ab"
+    _, listing, _ = await http.get(f"{handoff_server.url}/api/v1/tickets", key)
+    assert [t["id"] for t in listing["tickets"]] == [ok["ticketId"]]
+    _, ticket, _ = await http.get(f"{handoff_server.url}/api/v1/tickets/{ok['ticketId']}", key)
+    assert ticket["contact"] == {"email": "jo@example.com"} and ticket["status"] == "open"
+    assert ticket["summary"] and any(m["content"] == "I need help with order 42" for m in ticket["transcript"])
+    assert ticket["trigger"] == "user_request"
+    r = await http.post(f"{handoff_server.url}/api/v1/tickets/{ok['ticketId']}/resolve", {"resolution": "refunded"}, key)
+    assert r.status == 200 and r.body["status"] == "resolved"
+    r = await http.get(f"{handoff_server.url}/api/v1/tickets/T-NOPE", key)
+    assert r.status == 404
     # the AI keeps helping meanwhile
     sent = await customer.call("send-message", {"sessionId": session_id, "message": "still there?"})
     assert (await customer.reply_to(sent["messageId"]))["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow  # waits out AGENT_WAIT_TIMEOUT
 async def test_ticket_when_nobody_claims_in_time(start_server, connect, agents) -> None:
     server = await start_server(agent_api_keys=AGENT_KEYS, agent_wait_timeout=1.0)
     agent = await agents(server.url)
@@ -182,6 +144,7 @@ async def test_ticket_when_nobody_claims_in_time(start_server, connect, agents) 
     assert (await agent_call(agent, "claim", {"sessionId": session_id}))["ok"] is False
 
 
+@pytest.mark.slow  # waits out AGENT_IDLE_TIMEOUT
 async def test_idle_agent_hands_back_to_ai(start_server, connect, agents) -> None:
     server = await start_server(agent_api_keys=AGENT_KEYS, agent_idle_timeout=1.0)
     agent = await agents(server.url)

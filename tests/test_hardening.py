@@ -3,42 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
-import aiohttp
 import pytest
 import socketio
 from loguru import logger
 
-from tests.conftest import joined_client
-from tests.test_processes import launch, processes, rest  # noqa: F401 - fixtures and helpers
+from tests.clients import Http, Reply, joined_client
+from tests.processes import launch
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-async def post_session(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{url}/api/v1/chat/session", json={"userId": "limited"}, headers=headers or {}) as response,
-    ):
-        return response.status, await response.json(), dict(response.headers)
+pytestmark = [
+    pytest.mark.slow,  # abuse limits and privacy, timers included
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
-async def test_sessions_per_ip_are_limited_with_retry_after(start_server, redis_sync) -> None:
+def post_session(http: Http, url: str, headers: dict[str, str] | None = None) -> Awaitable[Reply]:
+    """One more new conversation for the same visitor: (status, body, headers)."""
+    return http.post(f"{url}/api/v1/chat/session", {"userId": "limited"}, headers=headers)
+
+
+async def test_sessions_per_ip_are_limited_with_retry_after(start_server, redis_sync, http) -> None:
     server = await start_server(rate_limit_sessions_per_minute=3)
     for _ in range(3):
-        assert (await post_session(server.url))[0] == 201
-    status, body, headers = await post_session(server.url)
+        assert (await post_session(http, server.url))[0] == 201
+    status, body, headers = await post_session(http, server.url)
     assert status == 429 and body["error"]["code"] == "rate_limited"
     assert 1 <= int(headers["Retry-After"]) <= 60
     assert len(redis_sync.keys("chat:session:*")) == 3
 
 
-async def test_forwarded_for_counts_only_behind_a_trusted_proxy(start_server) -> None:
+async def test_forwarded_for_counts_only_behind_a_trusted_proxy(start_server, http) -> None:
     untrusted = await start_server(rate_limit_sessions_per_minute=2)
-    codes = [(await post_session(untrusted.url, {"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]
+    codes = [(await post_session(http, untrusted.url, {"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]
     assert codes == [201, 201, 429]  # spoofed headers do not buy more sessions
     trusted = await start_server(rate_limit_sessions_per_minute=2, trusted_proxies=("127.0.0.1/32",))
-    codes = [(await post_session(trusted.url, {"X-Forwarded-For": f"10.0.1.{i}"}))[0] for i in range(3)]
+    codes = [(await post_session(http, trusted.url, {"X-Forwarded-For": f"10.0.1.{i}"}))[0] for i in range(3)]
     assert codes == [201, 201, 201]  # each client behind the proxy has its own budget
 
 
@@ -57,16 +57,15 @@ async def test_socket_connections_per_ip_are_limited(start_server, connect) -> N
     server = await start_server(rate_limit_connections_per_minute=2)
     await connect(server.url)
     await connect(server.url)
-    client = socketio.AsyncClient(reconnection=False)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(server.url, transports=["websocket"], wait_timeout=3)
+        await connect(server.url, wait_timeout=3)
 
 
-async def test_rate_limit_holds_across_two_processes(processes, redis_url) -> None:  # noqa: F811
+async def test_rate_limit_holds_across_two_processes(processes, redis_url, http) -> None:
     env = {"REDIS_URL": redis_url, "AI_PROVIDERS": "local", "RATE_LIMIT_SESSIONS_PER_MINUTE": "3"}
     a = await launch(processes, env)
     b = await launch(processes, env)
-    codes = [(await post_session(url))[0] for url in (a.url, b.url, a.url, b.url)]
+    codes = [(await post_session(http, url))[0] for url in (a.url, b.url, a.url, b.url)]
     assert codes == [201, 201, 201, 429]
 
 
@@ -76,28 +75,28 @@ async def test_binary_attachments_are_refused(server, connect) -> None:
     assert ack["ok"] is False and ack["error"]["code"] == "validation_error"
 
 
-async def test_export_then_delete_forgets_the_session(server, connect, redis_sync) -> None:
+async def test_export_then_delete_forgets_the_session(server, connect, redis_sync, http) -> None:
     client, session_id, token = await joined_client(connect, server.url)
     payload = {"sessionId": session_id, "message": "my email is jo@example.com", "clientMessageId": "k1"}
     sent = await client.call("send-message", payload)
     await client.reply_to(sent["messageId"])
     other = await joined_client(connect, server.url, "someone-else")
     for presented in (None, "wrong", other[2]):
-        status, _ = await rest("GET", f"{server.url}/api/v1/chat/session/{session_id}/export", token=presented)
+        status, _, _ = await http.get(f"{server.url}/api/v1/chat/session/{session_id}/export", presented)
         assert status == 401
-        status, _ = await rest("DELETE", f"{server.url}/api/v1/chat/session/{session_id}", token=presented)
+        status, _, _ = await http.delete(f"{server.url}/api/v1/chat/session/{session_id}", presented)
         assert status == 401
-    status, export = await rest("GET", f"{server.url}/api/v1/chat/session/{session_id}/export", token=token)
+    status, export, _ = await http.get(f"{server.url}/api/v1/chat/session/{session_id}/export", token)
     assert status == 200 and export["session"]["sessionId"] == session_id
     assert export["messages"][0]["content"] == "my email is jo@example.com"
-    status, body = await rest("DELETE", f"{server.url}/api/v1/chat/session/{session_id}", token=token)
+    status, body, _ = await http.delete(f"{server.url}/api/v1/chat/session/{session_id}", token)
     assert status == 200 and body["deleted"] is True
     assert [k for k in redis_sync.keys("*") if session_id.encode() in k] == []
-    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=token)
+    status, _, _ = await http.get(f"{server.url}/api/v1/chat/history/{session_id}", token)
     assert status == 401
 
 
-async def test_idle_rejoin_rotates_the_token(start_server, connect) -> None:
+async def test_idle_rejoin_rotates_the_token(start_server, connect, http) -> None:
     server = await start_server(token_rotate_after=0.5)
     first, session_id, old_token = await joined_client(connect, server.url)
     await first.disconnect()
@@ -105,9 +104,9 @@ async def test_idle_rejoin_rotates_the_token(start_server, connect) -> None:
     again = await connect(server.url)
     ack = await again.call("join-chat", {"sessionId": session_id, "token": old_token})
     assert ack["ok"] and ack["token"] != old_token
-    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=old_token)
+    status, _, _ = await http.get(f"{server.url}/api/v1/chat/history/{session_id}", old_token)
     assert status == 401
-    status, _ = await rest("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=ack["token"])
+    status, _, _ = await http.get(f"{server.url}/api/v1/chat/history/{session_id}", ack["token"])
     assert status == 200
 
 
@@ -130,7 +129,7 @@ async def test_logs_mask_contact_details_and_never_hold_keys(start_server, conne
         assert secret not in text
 
 
-async def test_token_budget_stops_the_ai_and_offers_a_human(start_server, connect, double) -> None:
+async def test_token_budget_stops_the_ai_and_offers_a_human(start_server, connect, double, http) -> None:
     server = await start_server(token_budget_per_session=25)
     client, session_id, _ = await joined_client(connect, server.url)
     first = await client.call("send-message", {"sessionId": session_id, "message": "one two three"})
@@ -143,7 +142,7 @@ async def test_token_budget_stops_the_ai_and_offers_a_human(start_server, connec
     assert answer["message"]["role"] == "system" and "support team" in answer["message"]["content"]
     assert answer["escalation"]["trigger"] == "error"
     assert len(double.requests["openai"]) == calls
-    _, health = await rest("GET", f"{server.url}/api/v1/health")
+    _, health, _ = await http.get(f"{server.url}/api/v1/health")
     assert health["tokens"]["today"] >= 28
 
 
@@ -156,28 +155,23 @@ async def test_strings_are_normalized_and_control_characters_stripped(server, co
     assert ack["ok"] is False and "metadata" in ack["error"]["details"]
 
 
-async def test_cors_origins_are_enforced_for_rest_and_socketio(start_server) -> None:
+async def test_cors_origins_are_enforced_for_rest_and_socketio(start_server, http, connect) -> None:
     server = await start_server(cors_origins=("https://shop.example",))
-    async with aiohttp.ClientSession() as http:
-        async with http.options(
-            f"{server.url}/api/v1/chat/session",
-            headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"},
-        ) as response:
-            assert response.status == 204
-            assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
-        async with http.post(
-            f"{server.url}/api/v1/chat/session", json={"userId": "x"}, headers={"Origin": "https://evil.example"}
-        ) as response:
-            assert "Access-Control-Allow-Origin" not in response.headers
-        async with http.get(f"{server.url}/") as response:
-            assert "script-src 'self'" in response.headers["Content-Security-Policy"]
-            assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
-            assert response.headers["X-Content-Type-Options"] == "nosniff"
-            assert response.headers["Referrer-Policy"] == "no-referrer"
-    evil = socketio.AsyncClient(reconnection=False)
+    response = await http.request(
+        "OPTIONS",
+        f"{server.url}/api/v1/chat/session",
+        headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    response = await http.post(f"{server.url}/api/v1/chat/session", {"userId": "x"}, headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+    response = await http.get(f"{server.url}/")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await evil.connect(server.url, headers={"Origin": "https://evil.example"}, transports=["websocket"], wait_timeout=3)
-    await evil.disconnect()
-    good = socketio.AsyncClient(reconnection=False)
-    await good.connect(server.url, headers={"Origin": "https://shop.example"}, transports=["websocket"], wait_timeout=3)
+        await connect(server.url, headers={"Origin": "https://evil.example"}, wait_timeout=3)
+    good = await connect(server.url, headers={"Origin": "https://shop.example"}, wait_timeout=3)
     await good.disconnect()

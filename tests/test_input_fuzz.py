@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,8 +21,11 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from server.json_codec import MAX_DEPTH
-from tests.conftest import RunningServer
-from tests.test_input_limits import AGENT_KEY, RawSocket, event_names, start_input_server, stored_keys
+from tests.clients import Http, RawSocket, open_http
+from tests.servers import RunningServer
+from tests.test_input_limits import AGENT_KEY, event_names, start_input_server, stored_keys
+
+pytestmark = pytest.mark.slow  # hypothesis over every route and event
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 ERROR_CODES = {"validation_error", "unauthorized", "not_found", "payload_too_large", "rate_limited", "unavailable"}
@@ -180,13 +184,18 @@ def encode_body(body: bytes, encoding: str | None) -> tuple[bytes, dict[str, str
     return body, {"Content-Encoding": encoding}
 
 
-async def new_session(url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.post(f"{url}/api/v1/chat/session", json={"userId": "fz"}) as r:
-        assert r.status == 201
-        return await r.json()
+@pytest.fixture
+async def raw_http() -> AsyncIterator[Http]:
+    """A client that sends bodies and URLs exactly as given and leaves answers as the server wrote them.
+
+    A connection per call, as each hostile request deserves: the server may drop one it refused.
+    """
+    async with open_http(auto_decompress=False, connector=aiohttp.TCPConnector(force_close=True)) as client:
+        yield client
 
 
 async def request(
+    http: Http,
     server: RunningServer,
     method: str,
     template: str,
@@ -210,10 +219,9 @@ async def request(
         if content_type is not None:
             headers["Content-Type"] = content_type
     url = server.url + path + (("?" + query) if query else "")
-    async with (
-        aiohttp.ClientSession(auto_decompress=False) as http,
-        http.request(method, URL(url, encoded=True), data=data, headers=headers, skip_auto_headers=["Content-Type"]) as response,
-    ):
+    async with http.session.request(
+        method, URL(url, encoded=True), data=data, headers=headers, skip_auto_headers=["Content-Type"]
+    ) as response:
         return response.status, response.headers.get("Content-Type", ""), await response.read()
 
 
@@ -254,16 +262,16 @@ hostile_query = st.lists(
     encoding=st.sampled_from(ENCODINGS),
 )
 async def test_refused_bodies_on_every_rest_route(
-    server, redis_sync, classes, json_text, raw_bytes, content_type, encoding
+    server, redis_sync, classes, json_text, raw_bytes, content_type, encoding, http, raw_http
 ) -> None:
-    session = await new_session(server.url)
+    session = await http.new_session(server.url, "fz")
     history = f"chat:history:{{{session['sessionId']}}}"
     body = json_text.encode() if classes == "json" else raw_bytes
     for method, template in rest_routes(server):
         before, history_before = stored_keys(redis_sync), redis_sync.llen(history)
         context = (method, template, content_type, encoding, body[:200])
         status, answer_type, raw = await request(
-            server, method, template, body, session, content_type=content_type, encoding=encoding
+            raw_http, server, method, template, body, session, content_type=content_type, encoding=encoding
         )
         assert_well_formed(status, answer_type, raw, context)
         if (method, template) in JSON_BODY_ROUTES:
@@ -274,20 +282,24 @@ async def test_refused_bodies_on_every_rest_route(
 
 @FUZZ
 @given(json_text=odd_texts(), content_type=st.sampled_from(CONTENT_TYPES))
-async def test_odd_but_valid_bodies_on_every_rest_route(server, json_text, content_type) -> None:
-    session = await new_session(server.url)
+async def test_odd_but_valid_bodies_on_every_rest_route(server, json_text, content_type, http, raw_http) -> None:
+    session = await http.new_session(server.url, "fz")
     for method, template in rest_routes(server):
-        status, answer_type, raw = await request(server, method, template, json_text.encode(), session, content_type=content_type)
+        status, answer_type, raw = await request(
+            raw_http, server, method, template, json_text.encode(), session, content_type=content_type
+        )
         assert_well_formed(status, answer_type, raw, (method, template, content_type, json_text[:200]))
 
 
 @FUZZ
 @given(segment=hostile_segment, query=hostile_query)
-async def test_hostile_paths_and_queries_on_every_rest_route(server, redis_sync, segment, query) -> None:
-    session = await new_session(server.url)
+async def test_hostile_paths_and_queries_on_every_rest_route(server, redis_sync, segment, query, http, raw_http) -> None:
+    session = await http.new_session(server.url, "fz")
     for method, template in rest_routes(server):
         before = stored_keys(redis_sync)
-        status, answer_type, raw = await request(server, method, template, b"{}", session, path_value=segment, query=query)
+        status, answer_type, raw = await request(
+            raw_http, server, method, template, b"{}", session, path_value=segment, query=query
+        )
         assert_well_formed(status, answer_type, raw, (method, template, segment, query))
         assert stored_keys(redis_sync) - before == set()
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-import socketio
 
 from server.app_keys import SIO
 from server.settings import Secret
-from tests.conftest import RunningServer, ServerFactory, joined_client
+from tests.clients import Http, joined_client
+from tests.servers import RunningServer, ServerFactory
+
+# Hostile inputs over every route and event (the JSON policy alone is unit-tested: tests/unit/test_json_codec.py).
+pytestmark = pytest.mark.slow
 
 AGENT_KEY = "agent-key-for-input-tests-2718"
 
@@ -50,99 +52,10 @@ HOSTILE_BYTES: dict[str, bytes] = {
 JSON_BODY_ROUTES = ("/api/v1/chat/session", "/api/v1/chat/message", "/api/v1/chat/message/stream", "/api/v1/chat/feedback")
 
 
-async def post_raw(url: str, body: bytes, token: str | None = None, content_type: str = "application/json") -> tuple[int, Any]:
-    """POST exact bytes; the answer's status and JSON body."""
-    headers = {"Content-Type": content_type}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as response:
-        return response.status, await response.json(content_type=None)
-
-
-async def new_session(server: RunningServer, user_id: str = "limits") -> dict[str, Any]:
-    status, body = await post_raw(f"{server.url}/api/v1/chat/session", orjson.dumps({"userId": user_id}))
-    assert status == 201, body
-    return body
-
-
-class RawSocket:
-    """A Socket.IO client speaking the wire protocol by hand over a WebSocket, to send packets no library would."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, http: aiohttp.ClientSession, namespace: str) -> None:
-        self.ws = ws
-        self.http = http
-        self.namespace = namespace
-        self._ids = itertools.count(1)
-
-    @classmethod
-    async def open(cls, url: str, namespace: str = "/", auth: dict[str, Any] | None = None) -> RawSocket:
-        """Connect at the Engine.IO level, then join `namespace` (with `auth`)."""
-        http = aiohttp.ClientSession()
-        ws = await http.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket", max_msg_size=0)
-        raw = cls(ws, http, namespace)
-        opened = await raw._next_text()
-        assert opened.startswith("0"), opened
-        prefix = "" if namespace == "/" else namespace + ","
-        await ws.send_str("40" + prefix + (orjson.dumps(auth).decode() if auth else ""))
-        connected = await raw._next_text()
-        assert connected.startswith("40" + prefix), connected
-        return raw
-
-    @property
-    def prefix(self) -> str:
-        """The namespace part of a packet (`/agents,`), empty for the default namespace."""
-        return "" if self.namespace == "/" else self.namespace + ","
-
-    async def _next_text(self, timeout: float = 10) -> str:
-        """The next Engine.IO text packet, answering pings on the way."""
-        while True:
-            message = await self.ws.receive(timeout=timeout)
-            if message.type != aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(f"socket closed: {message.type} {message.data!r}")
-            if message.data == "2":
-                await self.ws.send_str("3")
-                continue
-            return message.data
-
-    async def call_raw(self, event: str, payload_text: str, timeout: float = 10) -> Any:
-        """Send `42<id>["event",<payload_text>]` verbatim and return the ack's first argument."""
-        ack_id = next(self._ids)
-        head = "42" + self.prefix + str(ack_id) + "[" + orjson.dumps(event).decode() + ","
-        await self.ws.send_str(head + payload_text + "]")
-        return await self.ack(ack_id, timeout)
-
-    async def send_text(self, text: str) -> None:
-        """Send one Engine.IO text frame as is."""
-        await self.ws.send_str(text)
-
-    async def ack(self, ack_id: int, timeout: float = 10) -> Any:
-        """Wait for the ack with this id; other packets (events) are skipped."""
-        expected = "43" + self.prefix + str(ack_id) + "["
-        async with asyncio.timeout(timeout):
-            while True:
-                text = await self._next_text(timeout)
-                if text.startswith(expected):
-                    return orjson.loads(text[len(expected) - 1 :])[0]
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close()
-        await self.http.close()
-
-
-@pytest.fixture
-async def raw_sockets():
-    """Open RawSockets; all are closed after the test."""
-    opened: list[RawSocket] = []
-
-    async def open_raw(url: str, namespace: str = "/", auth: dict[str, Any] | None = None) -> RawSocket:
-        raw = await RawSocket.open(url, namespace, auth)
-        opened.append(raw)
-        return raw
-
-    yield open_raw
-    for raw in opened:
-        await raw.close()
+async def post_raw(http: Http, url: str, body: bytes, token: str | None = None) -> tuple[int, Any]:
+    """POST exact bytes as JSON; the answer's status and JSON body."""
+    status, answer, _ = await http.post(url, token=token, data=body, headers={"Content-Type": "application/json"})
+    return status, answer
 
 
 async def start_input_server(start_server: ServerFactory) -> RunningServer:
@@ -174,10 +87,10 @@ def event_names(server: RunningServer, namespace: str) -> list[str]:
 
 @pytest.mark.parametrize("route", JSON_BODY_ROUTES)
 @pytest.mark.parametrize("body", list(HOSTILE_JSON.values()), ids=list(HOSTILE_JSON))
-async def test_hostile_json_bodies_are_validation_errors_on_rest(server, redis_sync, route, body) -> None:
-    session = await new_session(server)
+async def test_hostile_json_bodies_are_validation_errors_on_rest(server, redis_sync, route, body, http) -> None:
+    session = await http.new_session(server.url, "limits")
     before = stored_keys(redis_sync)
-    status, answer = await post_raw(server.url + route, body.encode(), session["token"])
+    status, answer = await post_raw(http, server.url + route, body.encode(), session["token"])
     assert status == 400, answer
     assert answer["error"]["code"] == "validation_error" and isinstance(answer["error"]["message"], str)
     assert stored_keys(redis_sync) == before
@@ -185,16 +98,16 @@ async def test_hostile_json_bodies_are_validation_errors_on_rest(server, redis_s
 
 @pytest.mark.parametrize("route", JSON_BODY_ROUTES)
 @pytest.mark.parametrize("body", list(HOSTILE_BYTES.values()), ids=list(HOSTILE_BYTES))
-async def test_non_utf8_bodies_are_validation_errors_on_rest(server, redis_sync, route, body) -> None:
-    session = await new_session(server)
+async def test_non_utf8_bodies_are_validation_errors_on_rest(server, redis_sync, route, body, http) -> None:
+    session = await http.new_session(server.url, "limits")
     before = stored_keys(redis_sync)
-    status, answer = await post_raw(server.url + route, body, session["token"])
+    status, answer = await post_raw(http, server.url + route, body, session["token"])
     assert status == 400 and answer["error"]["code"] == "validation_error", answer
     assert stored_keys(redis_sync) == before
 
 
-async def test_lone_surrogate_user_id_stores_nothing(server, redis_sync, connect) -> None:
-    status, answer = await post_raw(f"{server.url}/api/v1/chat/session", b'{"userId": "\\ud800"}')
+async def test_lone_surrogate_user_id_stores_nothing(server, redis_sync, connect, http) -> None:
+    status, answer = await post_raw(http, f"{server.url}/api/v1/chat/session", b'{"userId": "\\ud800"}')
     assert status == 400 and answer["error"]["code"] == "validation_error"
     client = await connect(server.url)
     ack = await client.call("join-chat", {"userId": "\ud800"})  # the python client escapes it as \ud800
@@ -230,25 +143,25 @@ async def test_hostile_packets_without_an_ack_get_chat_error(server, raw_sockets
     assert error["event"] == "send-message" and error["error"]["code"] == "validation_error"
 
 
-async def test_duplicate_keys_take_the_last_value_on_rest_and_sockets(server, raw_sockets) -> None:
-    status, answer = await post_raw(f"{server.url}/api/v1/chat/session", b'{"userId": "first", "userId": "last"}')
+async def test_duplicate_keys_take_the_last_value_on_rest_and_sockets(server, raw_sockets, http) -> None:
+    status, answer = await post_raw(http, f"{server.url}/api/v1/chat/session", b'{"userId": "first", "userId": "last"}')
     assert status == 201 and answer["userId"] == "last"
     raw = await raw_sockets(server.url)
     ack = await raw.call_raw("join-chat", '{"userId": 5, "userId": "last"}')
     assert ack["ok"] is True, ack
 
 
-async def test_message_over_the_limit_is_payload_too_large_on_rest(server, redis_sync) -> None:
-    session = await new_session(server)
+async def test_message_over_the_limit_is_payload_too_large_on_rest(server, redis_sync, http) -> None:
+    session = await http.new_session(server.url, "limits")
     url = f"{server.url}/api/v1/chat/message"
     for route in (url, url + "/stream"):
         body = orjson.dumps({"sessionId": session["sessionId"], "message": "x" * 4001})
-        status, answer = await post_raw(route, body, session["token"])
+        status, answer = await post_raw(http, route, body, session["token"])
         assert status == 413 and answer["error"]["code"] == "payload_too_large", answer
         assert "message" in answer["error"]["details"]
     assert redis_sync.llen(f"chat:history:{{{session['sessionId']}}}") == 0
     body = orjson.dumps({"sessionId": session["sessionId"], "message": "y" * 4000})
-    status, answer = await post_raw(url, body, session["token"])
+    status, answer = await post_raw(http, url, body, session["token"])
     assert status == 200 and len(answer["userMessage"]["content"]) == 4000
 
 
@@ -264,19 +177,13 @@ async def test_100kb_send_message_is_acked_payload_too_large_and_the_socket_live
     assert reply["message"]["content"] == "Echo: after the big one"
 
 
-async def test_packets_up_to_a_megabyte_are_answered_and_larger_ones_refused(server, connect) -> None:
+async def test_packets_up_to_a_megabyte_are_answered_and_larger_ones_refused(server, connect, agents) -> None:
     client, session_id, _ = await joined_client(connect, server.url)
     ack = await client.call("send-message", {"sessionId": session_id, "message": "m" * 990_000})
     assert ack["ok"] is False and ack["error"]["code"] == "payload_too_large", ack
-    agent = socketio.AsyncClient(reconnection=False)
-    await agent.connect(server.url, namespaces=["/agents"], auth={"key": AGENT_KEY}, transports=["websocket"])
-    try:
-        answer = await agent.call(
-            "agent-message", {"sessionId": session_id, "message": "a" * 100_000}, namespace="/agents", timeout=10
-        )
-        assert answer["ok"] is False and answer["error"]["code"] == "payload_too_large", answer
-    finally:
-        await agent.disconnect()
+    agent = await agents(server.url, AGENT_KEY)
+    answer = await agent.call("agent-message", {"sessionId": session_id, "message": "a" * 100_000})
+    assert answer["ok"] is False and answer["error"]["code"] == "payload_too_large", answer
     disconnected = asyncio.Event()
     client.client.on("disconnect", lambda *_: disconnected.set())
     await client.emit("send-message", {"sessionId": session_id, "message": "o" * 1_100_000})
@@ -286,28 +193,27 @@ async def test_packets_up_to_a_megabyte_are_answered_and_larger_ones_refused(ser
     assert sent["ok"] is True
 
 
-async def test_a_100kb_rest_message_is_payload_too_large(server, redis_sync) -> None:
-    session = await new_session(server)
+async def test_a_100kb_rest_message_is_payload_too_large(server, redis_sync, http) -> None:
+    session = await http.new_session(server.url, "limits")
     body = orjson.dumps({"sessionId": session["sessionId"], "message": "q" * 100_000})
-    status, answer = await post_raw(f"{server.url}/api/v1/chat/message", body, session["token"])
+    status, answer = await post_raw(http, f"{server.url}/api/v1/chat/message", body, session["token"])
     assert status == 413 and answer["error"]["code"] == "payload_too_large" and "body" in answer["error"]["details"]
     assert redis_sync.llen(f"chat:history:{{{session['sessionId']}}}") == 0
 
 
-async def test_hostile_packet_over_long_polling_is_acked(server, redis_sync) -> None:
+async def test_hostile_packet_over_long_polling_is_acked(server, redis_sync, http) -> None:
     base = f"{server.url}/socket.io/?EIO=4&transport=polling"
-    async with aiohttp.ClientSession() as http:
-        async with http.get(base) as response:
-            sid = orjson.loads((await response.text())[1:])["sid"]
-        url = f"{base}&sid={sid}"
-        async with http.post(url, data="40") as response:
-            assert response.status == 200
-        async with http.get(url) as response:
-            assert (await response.text()).startswith("40")
-        async with http.post(url, data='421["join-chat",{"userId":"\\ud800"}]') as response:
-            assert response.status == 200
-        async with http.get(url) as response:
-            packets = (await response.text()).split("\x1e")
+    _, opened = await http.get_text(base)
+    sid = orjson.loads(opened[1:])["sid"]
+    url = f"{base}&sid={sid}"
+    response = await http.post(url, data="40")
+    assert response.status == 200
+    _, text = await http.get_text(url)
+    assert text.startswith("40")
+    response = await http.post(url, data='421["join-chat",{"userId":"\\ud800"}]')
+    assert response.status == 200
+    _, text = await http.get_text(url)
+    packets = text.split("\x1e")
     ack = next(orjson.loads(p[3:])[0] for p in packets if p.startswith("431["))
     assert ack["ok"] is False and ack["error"]["code"] == "validation_error", ack
     assert redis_sync.keys("chat:session:*") == []

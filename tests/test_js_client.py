@@ -11,10 +11,13 @@ import pytest
 from server.settings import PROJECT_ROOT
 
 CLIENT = PROJECT_ROOT / "tests" / "js" / "node_client.mjs"
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or not (PROJECT_ROOT / "node_modules" / "socket.io-client").exists(),
-    reason="node and the socket.io-client npm package are needed (make test installs them)",
-)
+pytestmark = [
+    pytest.mark.slow,  # node clients against server processes
+    pytest.mark.skipif(
+        shutil.which("node") is None or not (PROJECT_ROOT / "node_modules" / "socket.io-client").exists(),
+        reason="node and the socket.io-client npm package are needed (make test installs them)",
+    ),
+]
 
 
 async def test_official_js_client_round_trip(server, double) -> None:

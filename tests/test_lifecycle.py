@@ -25,9 +25,8 @@ import redis
 import socketio
 
 from devtools.provider_double import ProviderDouble
-from tests.conftest import Recorder
+from tests.clients import Http, Recorder
 from tests.processes import ServerProcess
-from tests.test_processes import rest
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +136,7 @@ def _escalation_triggers(redis_sync: redis.Redis, session_id: str) -> list[str]:
     [("external", "sigterm"), ("embedded", "sigterm"), ("embedded", "ctrl-c")],
 )
 async def test_sigterm_with_idle_sockets_exits_fast(
-    servers: Launcher, cluster_env: dict[str, str], tmp_path: Path, redis_mode: str, how: str
+    servers: Launcher, cluster_env: dict[str, str], tmp_path: Path, redis_mode: str, how: str, http: Http
 ) -> None:
     """SIGTERM (or Ctrl-C) with 50 idle sockets: out in under 2 s, every client told at once, a quiet log that says so."""
     if redis_mode == "external":
@@ -171,7 +170,7 @@ async def test_sigterm_with_idle_sockets_exits_fast(
             await response.read()
         await asyncio.gather(*(open_client(i) for i in range(50)))
         assert all(c.connected for c in clients) and not disconnected
-        _, health = await rest("GET", f"{server.url}/api/v1/health")
+        _, health, _ = await http.get(f"{server.url}/api/v1/health")
         assert health["connectedClients"] == 50
 
         signalled = time.monotonic()
@@ -364,6 +363,7 @@ async def test_kill_9_mid_reply_is_finished_by_the_other_process(
     cluster_env: dict[str, str],
     connect: Callable[..., Awaitable[Recorder]],
     double: ProviderDouble,
+    http: Http,
     redis_sync: redis.Redis,
 ) -> None:
     """kill -9 mid-reply: within 10 s the other process finishes or marks it, and the rejoined customer sees it."""
@@ -387,7 +387,7 @@ async def test_kill_9_mid_reply_is_finished_by_the_other_process(
     token = ack["token"]
 
     async def answered_in_b() -> bool:
-        status, page = await rest("GET", f"{b.url}/api/v1/chat/history/{session_id}", token=token)
+        status, page, _ = await http.get(f"{b.url}/api/v1/chat/history/{session_id}", token)
         return status == 200 and _is_answered(page["messages"], user_id)
 
     assert await _poll(answered_in_b, timeout=max(0.0, killed + 10 - time.monotonic()), every=0.2), (

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
-from tests.conftest import joined_client
+from tests.clients import joined_client
+
+pytestmark = pytest.mark.slow  # load with a half-failing provider
 
 
 async def test_half_failing_provider_under_load_loses_and_duplicates_nothing(start_server, connect, double, redis_sync) -> None:

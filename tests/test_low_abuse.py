@@ -13,7 +13,6 @@ import re
 import shutil
 from typing import Any
 
-import aiohttp
 import pytest
 from loguru import logger
 
@@ -21,8 +20,10 @@ from server.app_keys import HANDOFF
 from server.handoff.summary import SUMMARY_LABEL, SUMMARY_PROMPT
 from server.settings import Secret, Settings
 from server.web.pages import SOCKETIO_CLIENT, SOCKETIO_INTEGRITY
-from tests.conftest import Recorder, joined_client
+from tests.clients import agent_client, joined_client, request
 from tests.test_browser import browser, chromium  # noqa: F401 - Chromium fixtures
+
+pytestmark = pytest.mark.slow  # abuse scenarios with timers (token rotation, expiry sweeps)
 
 CHROMIUM_FOUND = shutil.which("chromium") is not None
 
@@ -40,19 +41,10 @@ def overrides(**values: Any) -> dict[str, Any]:
 async def rest(
     method: str, url: str, *, token: str | None = None, body: Any = None, raw: bytes | None = None, timeout: float = 10
 ) -> tuple[int, Any, dict[str, str]]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    if raw is not None:
-        headers["Content-Type"] = "application/json"
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
-        http.request(method, url, json=body if raw is None else None, data=raw, headers=headers) as response,
-    ):
-        text = await response.text()
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = text
-        return response.status, parsed, dict(response.headers)
+    """One REST call (a JSON body, or `raw` bytes sent as JSON): status, parsed body, headers."""
+    headers = {"Content-Type": "application/json"} if raw is not None else None
+    status, parsed, answer_headers = await request(method, url, body, token, data=raw, headers=headers, timeout=timeout)
+    return status, parsed, dict(answer_headers)
 
 
 async def new_session(url: str, user_id: str = "visitor") -> tuple[str, str]:
@@ -67,12 +59,6 @@ async def say(url: str, session_id: str, token: str, message: str, timeout: floa
     )
     assert status == 200, body
     return body
-
-
-async def agent_client(url: str) -> Recorder:
-    recorder = Recorder("/agents")
-    await recorder.client.connect(url, namespaces=["/agents"], auth={"key": AGENT_KEY}, transports=["websocket"], wait_timeout=5)
-    return recorder
 
 
 async def eventually(check: Any, timeout: float = 8.0, interval: float = 0.1) -> None:
@@ -267,7 +253,7 @@ async def test_bidi_override_characters_are_stripped(start_server, connect) -> N
 
 
 # Export stays valid JSON: non-finite numbers never get into metadata ---------------------------------------
-async def test_non_finite_metadata_is_refused_and_export_stays_valid_json(start_server, connect) -> None:
+async def test_non_finite_metadata_is_refused_and_export_stays_valid_json(start_server, connect, http) -> None:
     server = await start_server()
     for literal in ("NaN", "Infinity", "-Infinity"):
         raw = f'{{"userId": "u", "metadata": {{"score": {literal}}}}}'.encode()
@@ -278,14 +264,9 @@ async def test_non_finite_metadata_is_refused_and_export_stays_valid_json(start_
         raise ValueError(f"not JSON: {constant}")
 
     async def export_text(session_id: str, token: str) -> str:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(
-                f"{server.url}/api/v1/chat/session/{session_id}/export", headers={"Authorization": f"Bearer {token}"}
-            ) as response,
-        ):
-            assert response.status == 200
-            return await response.text()
+        status, text = await http.get_text(f"{server.url}/api/v1/chat/session/{session_id}/export", token)
+        assert status == 200
+        return text
 
     # Over Socket.IO (in this process the packet encoder is the server's, which writes NaN as null): refused,
     # or stored as something JSON can say.
@@ -311,8 +292,8 @@ async def test_expired_queued_and_held_sessions_leave_no_entries(start_server, c
         agent_wait_timeout=60.0,
         agent_idle_timeout=60.0,
     )
-    server.app[HANDOFF].expiry_scan_seconds = 1  # the default looks every 10 s
-    agent = await agent_client(server.url)
+    server.app[HANDOFF].sweeper.expiry_scan_seconds = 1  # the default looks every 10 s
+    agent = await agent_client(server.url, AGENT_KEY)
     try:
         queued, queued_id, _ = await joined_client(connect, server.url, "queued")
         held, held_id, _ = await joined_client(connect, server.url, "held")
@@ -344,22 +325,18 @@ async def test_expired_queued_and_held_sessions_leave_no_entries(start_server, c
 
 
 # Pages: CSP connect-src, SRI on the CDN fallback, no raw templates under /static/ --------------------------
-async def test_csp_connects_only_to_its_own_origin_and_the_cdn_fallback_has_sri(start_server) -> None:
+async def test_csp_connects_only_to_its_own_origin_and_the_cdn_fallback_has_sri(start_server, http) -> None:
     server = await start_server()
-    async with aiohttp.ClientSession() as http:
-        for path in ("/", "/agent"):
-            async with http.get(server.url + path) as response:
-                page = await response.text()
-                csp = response.headers["Content-Security-Policy"]
-            connect_src = next(d for d in csp.split(";") if d.strip().startswith("connect-src")).split()[1:]
-            assert connect_src == ["'self'"], csp
-            assert f'data-socketio-integrity="{SOCKETIO_INTEGRITY}"' in page
+    for path in ("/", "/agent"):
+        _, page, headers = await http.get(server.url + path)
+        csp = headers["Content-Security-Policy"]
+        connect_src = next(d for d in csp.split(";") if d.strip().startswith("connect-src")).split()[1:]
+        assert connect_src == ["'self'"], csp
+        assert f'data-socketio-integrity="{SOCKETIO_INTEGRITY}"' in page
     configured = await start_server(csp_connect_src=("wss://chat.example.com",))
-    async with aiohttp.ClientSession() as http, http.get(configured.url + "/") as response:
-        csp = response.headers["Content-Security-Policy"]
+    csp = (await http.get(configured.url + "/")).headers["Content-Security-Policy"]
     assert "connect-src 'self' wss://chat.example.com;" in csp
-    async with aiohttp.ClientSession() as http, http.get(server.url + "/static/ui.js") as response:
-        assert "script.integrity" in await response.text()
+    assert "script.integrity" in (await http.get(server.url + "/static/ui.js")).body
     if SOCKETIO_CLIENT.exists():  # the pinned CDN file is the npm package's own copy: the same digest
         digest = base64.b64encode(hashlib.sha384(SOCKETIO_CLIENT.read_bytes()).digest()).decode()
         assert SOCKETIO_INTEGRITY == f"sha384-{digest}"
@@ -391,7 +368,7 @@ async def test_cdn_fallback_runs_only_the_pinned_file(browser, server) -> None: 
     await page.goto(server.url + "/")
     load_from_cdn = """async () => {
         delete window.io;
-        try { await window.chatUi.loadClient(); } catch (err) { return 'blocked'; }
+        try { await (await import('/static/ui.js')).loadClient(); } catch (err) { return 'blocked'; }
         return typeof window.io;
     }"""
     assert await page.evaluate(load_from_cdn) == "function"

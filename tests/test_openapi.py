@@ -7,17 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-import aiohttp
-
-from tests.test_processes import launch, processes  # noqa: F401 - fixture
+from tests.processes import launch
 
 
-async def test_openapi_document_and_docs_page(server) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{server.url}/api/v1/openapi.json") as response:
-            spec = await response.json()
-        async with http.get(f"{server.url}/api/v1/docs") as response:
-            page = await response.text()
+async def test_openapi_document_and_docs_page(server, http) -> None:
+    _, spec, _ = await http.get(f"{server.url}/api/v1/openapi.json")
+    _, page, _ = await http.get(f"{server.url}/api/v1/docs")
     assert spec["openapi"].startswith("3.1")
     assert {"/api/v1/chat/session", "/api/v1/chat/message", "/api/v1/chat/history/{sessionId}"} <= set(spec["paths"])
     send = spec["components"]["schemas"]["SendMessage"]
@@ -25,7 +20,7 @@ async def test_openapi_document_and_docs_page(server) -> None:
     assert "POST /api/v1/chat/session" in page and "SendMessage" in page
 
 
-async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(processes, redis_url, double) -> None:  # noqa: F811
+async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(processes, redis_url, double) -> None:
     env = {
         "REDIS_URL": redis_url,
         "SOCKETIO_MANAGER": "memory",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
+import pytest
 
-from tests.conftest import joined_client
+from tests.clients import joined_client
+
+pytestmark = pytest.mark.slow  # bursts timed to show any reordering
 
 BURST = 20  # five were not always enough to show a reordering; twenty always were (measured on the old code)
 
@@ -40,24 +42,21 @@ async def test_unawaited_emits_on_one_socket_are_stored_and_answered_in_arrival_
     assert replies == [f"Echo: {text}" for text in expected]
 
 
-async def test_rest_messages_are_answered_in_the_order_they_arrive(server, double, redis_sync) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.url}/api/v1/chat/session", json={"userId": "rest-order"}) as response:
-            session = await response.json()
-        headers = {"Authorization": f"Bearer {session['token']}"}
-        double.set_mode("openai", "ok", delays=[0.3, 0.2, 0.1, 0.0])
+async def test_rest_messages_are_answered_in_the_order_they_arrive(server, double, redis_sync, http) -> None:
+    _, session, _ = await http.post(f"{server.url}/api/v1/chat/session", {"userId": "rest-order"})
+    double.set_mode("openai", "ok", delays=[0.3, 0.2, 0.1, 0.0])
 
-        async def send(n: int) -> dict:
-            body = {"sessionId": session["sessionId"], "message": f"rest {n}"}
-            async with http.post(f"{server.url}/api/v1/chat/message", json=body, headers=headers) as response:
-                assert response.status == 200
-                return await response.json()
+    async def send(n: int) -> dict:
+        body = {"sessionId": session["sessionId"], "message": f"rest {n}"}
+        response = await http.post(f"{server.url}/api/v1/chat/message", body, session["token"])
+        assert response.status == 200
+        return response.body
 
-        tasks = []
-        for n in range(4):
-            tasks.append(asyncio.create_task(send(n)))
-            await asyncio.sleep(0.02)  # each request reaches the server before the next one is sent
-        results = await asyncio.gather(*tasks)
+    tasks = []
+    for n in range(4):
+        tasks.append(asyncio.create_task(send(n)))
+        await asyncio.sleep(0.02)  # each request reaches the server before the next one is sent
+    results = await asyncio.gather(*tasks)
     assert [r["reply"]["content"] for r in results] == [f"Echo: rest {n}" for n in range(4)]
     stored = [orjson.loads(m) for m in redis_sync.lrange(f"chat:history:{{{session['sessionId']}}}", 0, -1)]
     assert [m["content"] for m in stored if m["role"] == "user"] == [f"rest {n}" for n in range(4)]

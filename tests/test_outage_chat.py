@@ -25,9 +25,11 @@ import redis
 import socketio
 
 from devtools.provider_double import ProviderDouble
-from tests.conftest import Recorder, RedisProcess, ServerFactory, joined_client
+from tests.clients import Http, Recorder, agent_call, agent_client, joined_client, open_http
 from tests.processes import ServerProcess
-from tests.test_handoff import AGENT_KEYS, agent_call, agent_client
+from tests.servers import AGENT_KEYS, RedisProcess, ServerFactory
+
+pytestmark = pytest.mark.slow  # Redis stopped and restarted under live chats
 
 TURNS = 8
 BEFORE = 2  # turns 0-1 before the outage
@@ -40,26 +42,13 @@ Connect = Callable[..., Awaitable[Recorder]]
 
 
 # Helpers -------------------------------------------------------------------------------------------------------
-async def http_json(
-    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, token: str | None = None
-) -> tuple[int, Any, Mapping[str, str]]:
-    """One REST call: (status, parsed JSON body, headers)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with http.request(method, url, json=body, headers=headers) as response:
-        try:
-            parsed = await response.json(content_type=None)
-        except ValueError:
-            parsed = {"unparsed": await response.text()}
-        return response.status, parsed, response.headers
-
-
-async def health(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+async def health(http: Http, url: str) -> dict[str, Any]:
     """The server's health answer (whatever its status code)."""
-    _, body, _ = await http_json(http, "GET", f"{url}/api/v1/health")
-    return body
+    _, body, _ = await http.get(f"{url}/api/v1/health")
+    return body if isinstance(body, dict) else {"unparsed": body}
 
 
-async def wait_until_flushed(http: aiohttp.ClientSession, url: str, timeout: float = DEADLINE) -> dict[str, Any]:
+async def wait_until_flushed(http: Http, url: str, timeout: float = DEADLINE) -> dict[str, Any]:
     """Poll health until Redis answers again and the write-behind buffer is empty."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
@@ -96,10 +85,10 @@ async def redis_store(tmp_path: Path) -> AsyncIterator[RedisProcess]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """One HTTP client for the test (generous timeout: a hung request is a failure, not a hang)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
-        yield session
+async def http() -> AsyncIterator[Http]:
+    """The test's HTTP client, with a deadline: a hung request is a failure, not a hang."""
+    async with open_http(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as client:
+        yield client
 
 
 # 1. Joined sockets and REST clients chat on -----------------------------------------------------------------------
@@ -147,13 +136,13 @@ def socket_exchange(client: Recorder, session_id: str) -> Callable[[str], Awaita
     return exchange
 
 
-def rest_exchange(http: aiohttp.ClientSession, url: str, session_id: str, token: str) -> Callable[[str], Awaitable[Any]]:
+def rest_exchange(http: Http, url: str, session_id: str, token: str) -> Callable[[str], Awaitable[Any]]:
     """POST /api/v1/chat/message with the session's Bearer token; the reply comes in the answer."""
 
     async def exchange(text: str) -> tuple[Any, str | None, dict[str, Any] | None, str | None]:
         try:
-            status, body, _ = await http_json(
-                http, "POST", f"{url}/api/v1/chat/message", {"sessionId": session_id, "message": text}, token
+            status, body, _ = await http.request(
+                "POST", f"{url}/api/v1/chat/message", {"sessionId": session_id, "message": text}, token
             )
         except (TimeoutError, aiohttp.ClientError) as err:
             return None, None, None, f"request failed: {err!r}"
@@ -190,7 +179,7 @@ async def test_sockets_and_rest_keep_chatting_through_an_outage(
     connect: Connect,
     double: ProviderDouble,
     redis_store: RedisProcess,
-    http: aiohttp.ClientSession,
+    http: Http,
     manager: str,
 ) -> None:
     server = await start_server(redis_url=redis_store.url, socketio_manager=manager)
@@ -199,7 +188,7 @@ async def test_sockets_and_rest_keep_chatting_through_an_outage(
         client, session_id, token = await joined_client(connect, server.url, f"outage-socket-{i}")
         conversations.append(Conversation(f"socket-{i}", session_id, token, socket_exchange(client, session_id), client))
     for i in range(2):
-        status, created, _ = await http_json(http, "POST", f"{server.url}/api/v1/chat/session", {"userId": f"outage-rest-{i}"})
+        status, created, _ = await http.request("POST", f"{server.url}/api/v1/chat/session", {"userId": f"outage-rest-{i}"})
         assert status == 201, created
         conversations.append(
             Conversation(
@@ -290,8 +279,8 @@ async def test_sockets_and_rest_keep_chatting_through_an_outage(
             assert [m["content"] for m in stored[0::2]] == [t.text for t in conversation.turns], conversation.name
             assert [m["id"] for m in stored[1::2]] == [t.reply["id"] for t in conversation.turns if t.reply], conversation.name
             assert [m["replyTo"] for m in stored[1::2]] == [m["id"] for m in stored[0::2]], conversation.name
-            status, page, _ = await http_json(
-                http, "GET", f"{server.url}/api/v1/chat/history/{conversation.session_id}?limit=50", token=conversation.token
+            status, page, _ = await http.request(
+                "GET", f"{server.url}/api/v1/chat/history/{conversation.session_id}?limit=50", token=conversation.token
             )
             assert status == 200 and [m["id"] for m in page["messages"]] == ids, (conversation.name, status, page)
     finally:
@@ -322,16 +311,16 @@ def assert_unavailable_ack(what: str, ack: Any) -> None:
 
 
 async def test_what_cannot_be_answered_safely_gets_unavailable(
-    start_server: ServerFactory, connect: Connect, redis_store: RedisProcess, http: aiohttp.ClientSession
+    start_server: ServerFactory, connect: Connect, redis_store: RedisProcess, http: Http
 ) -> None:
     server = await start_server(redis_url=redis_store.url)
     elsewhere = await start_server(redis_url=redis_store.url)  # another instance: `server` never verifies its session
-    status, stranger, _ = await http_json(http, "POST", f"{elsewhere.url}/api/v1/chat/session", {"userId": "elsewhere"})
+    status, stranger, _ = await http.request("POST", f"{elsewhere.url}/api/v1/chat/session", {"userId": "elsewhere"})
     assert status == 201, stranger
-    status, known, _ = await http_json(http, "POST", f"{server.url}/api/v1/chat/session", {"userId": "known"})
+    status, known, _ = await http.request("POST", f"{server.url}/api/v1/chat/session", {"userId": "known"})
     assert status == 201, known
-    status, first, _ = await http_json(
-        http, "POST", f"{server.url}/api/v1/chat/message", {"sessionId": known["sessionId"], "message": "hello"}, known["token"]
+    status, first, _ = await http.request(
+        "POST", f"{server.url}/api/v1/chat/message", {"sessionId": known["sessionId"], "message": "hello"}, known["token"]
     )
     assert status == 200, first
     newcomer = await connect(server.url)
@@ -340,7 +329,7 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
 
     await asyncio.to_thread(redis_store.stop)
 
-    status, body, headers = await http_json(http, "POST", f"{server.url}/api/v1/chat/session", {"userId": "new-visitor"})
+    status, body, headers = await http.request("POST", f"{server.url}/api/v1/chat/session", {"userId": "new-visitor"})
     assert_unavailable_response("POST /chat/session during the outage", status, body, headers)
 
     assert_unavailable_ack("join-chat {userId} during the outage", await newcomer.call("join-chat", {"userId": "new-visitor"}))
@@ -349,8 +338,7 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
         await rejoiner.call("join-chat", {"sessionId": stranger["sessionId"], "token": stranger["token"]}),
     )
 
-    status, body, headers = await http_json(
-        http,
+    status, body, headers = await http.request(
         "POST",
         f"{server.url}/api/v1/chat/message",
         {"sessionId": stranger["sessionId"], "message": "hello from a token never seen here"},
@@ -358,14 +346,13 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     )
     assert_unavailable_response("REST message with a token this process never verified", status, body, headers)
 
-    status, body, headers = await http_json(
-        http, "POST", f"{server.url}/api/v1/chat/message", {"sessionId": made_up["sessionId"], "message": "hi"}, made_up["token"]
+    status, body, headers = await http.request(
+        "POST", f"{server.url}/api/v1/chat/message", {"sessionId": made_up["sessionId"], "message": "hi"}, made_up["token"]
     )
     assert_unavailable_response("REST message with a made-up session and token", status, body, headers)
 
     # A session this process knows, with a wrong token: never accepted (401, or 503 while it cannot tell).
-    status, body, _ = await http_json(
-        http,
+    status, body, _ = await http.request(
         "POST",
         f"{server.url}/api/v1/chat/message",
         {"sessionId": known["sessionId"], "message": "forged during the outage"},
@@ -379,8 +366,7 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     # The refusals were only for the outage: the same requests work (or are refused for what they are) again.
     deadline = time.monotonic() + DEADLINE
     while True:
-        status, body, _ = await http_json(
-            http,
+        status, body, _ = await http.request(
             "POST",
             f"{server.url}/api/v1/chat/message",
             {"sessionId": stranger["sessionId"], "message": "hello again after the outage"},
@@ -392,8 +378,7 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
     assert status == 200 and body["reply"]["role"] == "assistant", (status, body)
     deadline = time.monotonic() + DEADLINE
     while True:  # a pooled connection that broke with the restart may answer `unavailable` once: clients retry
-        status, body, _ = await http_json(
-            http,
+        status, body, _ = await http.request(
             "POST",
             f"{server.url}/api/v1/chat/message",
             {"sessionId": made_up["sessionId"], "message": "hi"},
@@ -414,7 +399,7 @@ async def test_what_cannot_be_answered_safely_gets_unavailable(
 # 3. An escalation during the outage reaches the agents' queue -----------------------------------------------------
 @pytest.mark.parametrize("how", ["keyword", "escalate-event"])
 async def test_an_escalation_during_an_outage_is_queued_when_redis_returns(
-    start_server: ServerFactory, connect: Connect, redis_store: RedisProcess, http: aiohttp.ClientSession, how: str
+    start_server: ServerFactory, connect: Connect, redis_store: RedisProcess, http: Http, how: str
 ) -> None:
     server = await start_server(redis_url=redis_store.url, agent_api_keys=AGENT_KEYS, agent_wait_timeout=60.0)
     agent = await agent_client(server.url, "alex-key-123-4567-89ab")
@@ -487,7 +472,7 @@ async def test_acknowledged_messages_survive_a_restart_during_an_outage(
     connect: Connect,
     double: ProviderDouble,
     redis_store: RedisProcess,
-    http: aiohttp.ClientSession,
+    http: Http,
     tmp_path: Path,
 ) -> None:
     env = {

@@ -4,47 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from tests.conftest import Recorder
-from tests.processes import ServerProcess
-from tests.test_handoff import agent_call, agent_client
+from tests.clients import Recorder, agent_call, agent_client
+from tests.processes import launch
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for process in started:
-        await process.stop()
-
-
-async def launch(started: list[ServerProcess], env: dict[str, str]) -> ServerProcess:
-    process = ServerProcess(env)
-    started.append(process)
-    return await process.start()
-
-
-async def rest(method: str, url: str, body=None, token: str | None = None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as response:
-        return response.status, await response.json()
-
-
-async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path: Path) -> None:
+async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path: Path, http) -> None:
     env = {"DATA_DIR": str(tmp_path / "data"), "AI_PROVIDERS": "local", "REDIS_URL": "", "REDIS_HOST": ""}
     first = await launch(processes, env)
-    _, health = await rest("GET", f"{first.url}/api/v1/health")
+    _, health, _ = await http.get(f"{first.url}/api/v1/health")
     assert health["redis"] == {"status": "ok", "mode": "embedded"}
-    _, session = await rest("POST", f"{first.url}/api/v1/chat/session", {"userId": "persist"})
-    status, answer = await rest(
-        "POST",
+    _, session, _ = await http.post(f"{first.url}/api/v1/chat/session", {"userId": "persist"})
+    status, answer, _ = await http.post(
         f"{first.url}/api/v1/chat/message",
         {"sessionId": session["sessionId"], "message": "What is your return policy?"},
         session["token"],
@@ -53,16 +29,16 @@ async def test_embedded_redis_keeps_history_across_a_restart(processes, tmp_path
     await first.stop()
 
     second = await launch(processes, env)
-    status, history = await rest("GET", f"{second.url}/api/v1/chat/history/{session['sessionId']}", token=session["token"])
+    status, history, _ = await http.get(f"{second.url}/api/v1/chat/history/{session['sessionId']}", session["token"])
     assert status == 200
     assert [m["content"] for m in history["messages"]] == ["What is your return policy?", answer["reply"]["content"]]
 
 
-async def test_customer_on_one_process_agent_on_another(processes, cluster_env, connect) -> None:
+async def test_customer_on_one_process_agent_on_another(processes, cluster_env, connect, http) -> None:
     a = await launch(processes, cluster_env)
     b = await launch(processes, cluster_env)
-    _, health_a = await rest("GET", f"{a.url}/api/v1/health")
-    _, health_b = await rest("GET", f"{b.url}/api/v1/health")
+    _, health_a, _ = await http.get(f"{a.url}/api/v1/health")
+    _, health_b, _ = await http.get(f"{b.url}/api/v1/health")
     assert health_a["instanceId"] != health_b["instanceId"]
 
     agent = await agent_client(b.url, "alex-key-123-4567-89ab")
@@ -128,7 +104,7 @@ async def test_rejoin_mid_stream_on_another_process_gets_the_text_so_far(process
     assert received["message"]["content"].split() == [f"tok{i}" for i in range(60)]
 
 
-async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processes, cluster_env, connect, double) -> None:
+async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processes, cluster_env, connect, double, http) -> None:
     a = await launch(processes, cluster_env)
     b = await launch(processes, cluster_env)
     customer: Recorder = await connect(a.url)
@@ -149,7 +125,7 @@ async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processe
     assert ack["ok"]
     history = (await rejoined.wait_for("chat-joined"))[0]["history"]
     assert [m["content"] for m in history][:1] == ["in flight"]
-    _status, page = await rest("GET", f"{b.url}/api/v1/chat/history/{session_id}", token=token)
+    _status, page, _ = await http.get(f"{b.url}/api/v1/chat/history/{session_id}", token)
     contents = [m["content"] for m in page["messages"]]
     for i in range(3):
         assert f"before crash {i}" in contents and f"Echo: before crash {i}" in contents
@@ -159,11 +135,13 @@ async def test_killing_a_process_and_rejoining_on_another_loses_nothing(processe
     assert (await rejoined.reply_to(sent["messageId"]))["message"]["content"] == "Echo: after crash"
 
 
-async def test_pubsub_probe_reports_and_recovers_after_the_listener_is_cut(processes, cluster_env, connect, redis_sync) -> None:
+async def test_pubsub_probe_reports_and_recovers_after_the_listener_is_cut(
+    processes, cluster_env, connect, redis_sync, http
+) -> None:
     a = await launch(processes, cluster_env)
     b = await launch(processes, cluster_env)
     for server in (a, b):
-        _, health = await rest("GET", f"{server.url}/api/v1/health")
+        _, health, _ = await http.get(f"{server.url}/api/v1/health")
         assert health["pubsub"] == "ok" and health["status"] == "ok"
     redis_sync.client_kill_filter(_type="pubsub")  # every process's pub/sub connection is dropped
     await asyncio.sleep(4)
@@ -173,7 +151,7 @@ async def test_pubsub_probe_reports_and_recovers_after_the_listener_is_cut(proce
     assert (await on_b.call("join-chat", {"sessionId": joined["sessionId"], "token": joined["token"]}))["ok"]
     sent = await on_a.call("send-message", {"sessionId": joined["sessionId"], "message": "still connected?"})
     assert (await on_b.reply_to(sent["messageId"]))["message"]["content"] == "Echo: still connected?"
-    _, health = await rest("GET", f"{b.url}/api/v1/health")
+    _, health, _ = await http.get(f"{b.url}/api/v1/health")
     assert health["pubsub"] == "ok"
 
 

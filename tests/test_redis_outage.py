@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
+import pytest
 import redis
 
-from tests.conftest import Recorder, RedisProcess, joined_client
+from tests.clients import Recorder, joined_client, request
+from tests.servers import RedisProcess
+
+pytestmark = pytest.mark.slow  # Redis stopped and restarted under live chats
 
 
 async def health(url: str) -> dict:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/api/v1/health") as response:
-        body = await response.json()
-        body["httpStatus"] = response.status
-        return body
+    status, body, _ = await request("GET", f"{url}/api/v1/health")
+    body["httpStatus"] = status
+    return body
 
 
 async def test_conversations_survive_a_redis_outage(start_server, connect, tmp_path) -> None:

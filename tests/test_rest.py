@@ -2,49 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
-import aiohttp
 import pytest
 
-from tests.conftest import RunningServer
+from tests.clients import Http
+from tests.servers import RunningServer
+
+JSON = {"Content-Type": "application/json"}
 
 
-async def post(url: str, body: Any, token: str | None = None, raw: bytes | None = None) -> tuple[int, Any, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http:
-        kwargs: dict[str, Any] = {"data": raw, "headers": {**headers, "Content-Type": "application/json"}}
-        if raw is None:
-            kwargs = {"json": body, "headers": headers}
-        async with http.post(url, **kwargs) as response:
-            return response.status, await response.json(), response.headers
-
-
-async def get(url: str, token: str | None = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
-        return response.status, await response.json()
-
-
-async def new_session(server: RunningServer, user_id: str = "visitor-1") -> dict[str, Any]:
-    status, body, _ = await post(f"{server.url}/api/v1/chat/session", {"userId": user_id})
-    assert status == 201, body
-    return body
-
-
-async def test_create_session_returns_unguessable_ids_and_token(server: RunningServer) -> None:
-    body = await new_session(server, "alice")
+async def test_create_session_returns_unguessable_ids_and_token(server: RunningServer, http: Http) -> None:
+    body = await http.new_session(server.url, "alice")
     assert body["userId"] == "alice"
     assert set(body) == {"sessionId", "userId", "token", "createdAt", "expiresAt"}
     assert len(body["token"]) >= 40 and len(body["sessionId"]) >= 32
     assert body["createdAt"].endswith("Z") and body["expiresAt"] > body["createdAt"]
-    other = await new_session(server, "alice")
+    other = await http.new_session(server.url, "alice")
     assert other["sessionId"] != body["sessionId"] and other["token"] != body["token"]
 
 
-async def test_message_gets_openai_reply_with_confidence(server: RunningServer, double) -> None:
-    session = await new_session(server)
-    status, body, _ = await post(
+async def test_message_gets_openai_reply_with_confidence(server: RunningServer, double, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
+    status, body, _ = await http.post(
         f"{server.url}/api/v1/chat/message",
         {"sessionId": session["sessionId"], "message": "Where is my parcel?"},
         session["token"],
@@ -62,52 +42,52 @@ async def test_message_gets_openai_reply_with_confidence(server: RunningServer, 
     assert sent["messages"][-1] == {"role": "user", "content": "Where is my parcel?"}
 
 
-async def test_history_pages_oldest_first_with_has_more(server: RunningServer) -> None:
-    session = await new_session(server)
+async def test_history_pages_oldest_first_with_has_more(server: RunningServer, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
     for i in range(3):
-        await post(
+        await http.post(
             f"{server.url}/api/v1/chat/message",
             {"sessionId": session["sessionId"], "message": f"question {i}"},
             session["token"],
         )
     url = f"{server.url}/api/v1/chat/history/{session['sessionId']}"
-    status, body = await get(url, session["token"])
+    status, body, _ = await http.get(url, session["token"])
     assert status == 200
     contents = [m["content"] for m in body["messages"]]
     assert contents == ["question 0", "Echo: question 0", "question 1", "Echo: question 1", "question 2", "Echo: question 2"]
     assert body["hasMore"] is False
-    status, page = await get(f"{url}?limit=2", session["token"])
+    status, page, _ = await http.get(f"{url}?limit=2", session["token"])
     assert [m["content"] for m in page["messages"]] == ["question 2", "Echo: question 2"] and page["hasMore"] is True
     before = page["messages"][0]["id"]
-    status, older = await get(f"{url}?limit=3&before={before}", session["token"])
+    status, older, _ = await http.get(f"{url}?limit=3&before={before}", session["token"])
     assert [m["content"] for m in older["messages"]] == ["Echo: question 0", "question 1", "Echo: question 1"]
     assert older["hasMore"] is True
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"])
-async def test_history_and_message_need_the_sessions_own_token(server: RunningServer, token: str | None) -> None:
-    session = await new_session(server)
-    other = await new_session(server, "mallory")
+async def test_history_and_message_need_the_sessions_own_token(server: RunningServer, token: str | None, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
+    other = await http.new_session(server.url, "mallory")
     for presented in (token, other["token"]):
-        status, body = await get(f"{server.url}/api/v1/chat/history/{session['sessionId']}", presented)
+        status, body, _ = await http.get(f"{server.url}/api/v1/chat/history/{session['sessionId']}", presented)
         assert status == 401 and body["error"]["code"] == "unauthorized"
-        status, body, _ = await post(
+        status, body, _ = await http.post(
             f"{server.url}/api/v1/chat/message", {"sessionId": session["sessionId"], "message": "hi"}, presented
         )
         assert status == 401 and body["error"]["code"] == "unauthorized"
-    status, body = await get(f"{server.url}/api/v1/chat/history/no-such-session", session["token"])
+    status, body, _ = await http.get(f"{server.url}/api/v1/chat/history/no-such-session", session["token"])
     assert status == 401 and "messages" not in body
 
 
-async def test_idempotent_client_message_id(server: RunningServer, double) -> None:
-    session = await new_session(server)
+async def test_idempotent_client_message_id(server: RunningServer, double, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
     body = {"sessionId": session["sessionId"], "message": "hello once", "clientMessageId": "c-1"}
-    _, first, _ = await post(f"{server.url}/api/v1/chat/message", body, session["token"])
-    _, second, _ = await post(f"{server.url}/api/v1/chat/message", body, session["token"])
+    _, first, _ = await http.post(f"{server.url}/api/v1/chat/message", body, session["token"])
+    _, second, _ = await http.post(f"{server.url}/api/v1/chat/message", body, session["token"])
     assert second["userMessage"]["id"] == first["userMessage"]["id"]
     assert second["reply"]["id"] == first["reply"]["id"]
     assert len(double.requests["openai"]) == 1
-    _, history = await get(f"{server.url}/api/v1/chat/history/{session['sessionId']}", session["token"])
+    _, history, _ = await http.get(f"{server.url}/api/v1/chat/history/{session['sessionId']}", session["token"])
     assert len(history["messages"]) == 2
 
 
@@ -121,20 +101,20 @@ async def test_idempotent_client_message_id(server: RunningServer, double) -> No
         ({"userId": "u", "surprise": 1}, "surprise"),
     ],
 )
-async def test_bad_session_bodies_are_validation_errors(server: RunningServer, redis_sync, body, field) -> None:
-    status, answer, _ = await post(f"{server.url}/api/v1/chat/session", body)
+async def test_bad_session_bodies_are_validation_errors(server: RunningServer, redis_sync, body, field, http: Http) -> None:
+    status, answer, _ = await http.post(f"{server.url}/api/v1/chat/session", body)
     assert status == 400
     assert answer["error"]["code"] == "validation_error" and field in answer["error"]["details"]
     assert redis_sync.keys("chat:session:*") == []
 
 
-async def test_message_length_limit_is_exact(server: RunningServer, redis_sync) -> None:
-    session = await new_session(server)
+async def test_message_length_limit_is_exact(server: RunningServer, redis_sync, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
     url = f"{server.url}/api/v1/chat/message"
-    status, body, _ = await post(url, {"sessionId": session["sessionId"], "message": "x" * 4001}, session["token"])
+    status, body, _ = await http.post(url, {"sessionId": session["sessionId"], "message": "x" * 4001}, session["token"])
     assert status == 413 and body["error"]["code"] == "payload_too_large" and "message" in body["error"]["details"]
     assert redis_sync.llen(f"chat:history:{{{session['sessionId']}}}") == 0
-    status, body, _ = await post(url, {"sessionId": session["sessionId"], "message": "x" * 4000}, session["token"])
+    status, body, _ = await http.post(url, {"sessionId": session["sessionId"], "message": "x" * 4000}, session["token"])
     assert status == 200 and len(body["userMessage"]["content"]) == 4000
 
 
@@ -151,31 +131,32 @@ async def test_message_length_limit_is_exact(server: RunningServer, redis_sync) 
         None,
     ],
 )
-async def test_bad_message_bodies(server: RunningServer, body) -> None:
-    session = await new_session(server)
-    status, answer, _ = await post(f"{server.url}/api/v1/chat/message", body, session["token"])
+async def test_bad_message_bodies(server: RunningServer, body, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
+    status, answer, _ = await http.post(f"{server.url}/api/v1/chat/message", body, session["token"])
     assert status == 400 and answer["error"]["code"] == "validation_error"
 
 
-async def test_invalid_json_oversized_body_and_unknown_route(server: RunningServer) -> None:
-    status, body, _ = await post(f"{server.url}/api/v1/chat/session", None, raw=b"{not json")
+async def test_invalid_json_oversized_body_and_unknown_route(server: RunningServer, http: Http) -> None:
+    status, body, _ = await http.post(f"{server.url}/api/v1/chat/session", data=b"{not json", headers=JSON)
     assert status == 400 and body["error"]["code"] == "validation_error"
-    status, body, _ = await post(f"{server.url}/api/v1/chat/session", None, raw=b'{"userId": "' + b"a" * 200_000 + b'"}')
+    status, body, _ = await http.post(
+        f"{server.url}/api/v1/chat/session", data=b'{"userId": "' + b"a" * 200_000 + b'"}', headers=JSON
+    )
     assert status == 413 and body["error"]["code"] == "payload_too_large"
-    status, body = await get(f"{server.url}/api/v1/nope")
+    status, body, _ = await http.get(f"{server.url}/api/v1/nope")
     assert status == 404 and body == {"error": {"code": "not_found", "message": "No such route."}}
-    status, _ = await get(f"{server.url}/api/v1/health")
+    status, _, _ = await http.get(f"{server.url}/api/v1/health")
     assert status == 200
 
 
-async def test_health_reports_providers_and_redis_without_secrets(server: RunningServer) -> None:
-    session = await new_session(server)
-    await post(f"{server.url}/api/v1/chat/message", {"sessionId": session["sessionId"], "message": "hi"}, session["token"])
+async def test_health_reports_providers_and_redis_without_secrets(server: RunningServer, http: Http) -> None:
+    session = await http.new_session(server.url, "visitor-1")
+    await http.post(f"{server.url}/api/v1/chat/message", {"sessionId": session["sessionId"], "message": "hi"}, session["token"])
     for path in ("/health", "/api/v1/health"):
-        async with aiohttp.ClientSession() as http, http.get(server.url + path) as response:
-            text = await response.text()
-            body = await response.json()
-        assert response.status == 200
+        status, text = await http.get_text(server.url + path)
+        body = json.loads(text)
+        assert status == 200
         assert body["status"] == "ok" and body["redis"] == {"status": "ok", "mode": "external"}
         assert {p["name"] for p in body["providers"]} == {"openai", "gemini", "local"}
         openai_row = next(p for p in body["providers"] if p["name"] == "openai")

@@ -13,8 +13,7 @@ import orjson
 import pytest
 import socketio
 
-from tests.processes import rss_mb
-from tests.test_processes import launch, processes  # noqa: F401 - fixture
+from tests.processes import launch, rss_mb
 
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "60"))
 SECONDS = float(os.environ.get("SOAK_SECONDS", "8"))
@@ -22,7 +21,7 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "8"))
 pytestmark = pytest.mark.slow
 
 
-async def test_soak_no_loss_no_duplicates_memory_returns(processes, redis_url, double, redis_sync) -> None:  # noqa: F811
+async def test_soak_no_loss_no_duplicates_memory_returns(processes, redis_url, double, redis_sync) -> None:
     env = {
         "REDIS_URL": redis_url,
         "SOCKETIO_MANAGER": "memory",

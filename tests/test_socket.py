@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.conftest import Recorder, RunningServer, joined_client
+from tests.clients import Recorder, joined_client, request
+from tests.servers import RunningServer
 
 
 async def test_join_send_and_receive_reply(server: RunningServer, connect) -> None:
@@ -90,6 +91,7 @@ async def test_messages_of_one_session_are_handled_in_order(server: RunningServe
     assert replies == [f"Echo: {m['content']}" for m in users]
 
 
+@pytest.mark.slow  # slow replies on purpose
 async def test_sessions_do_not_wait_for_each_other(server: RunningServer, connect, double) -> None:
     slow, slow_id, _ = await joined_client(connect, server.url, "slow")
     fast, fast_id, _ = await joined_client(connect, server.url, "fast")
@@ -104,6 +106,7 @@ async def test_sessions_do_not_wait_for_each_other(server: RunningServer, connec
     await slow.reply_to(timeout=5)
 
 
+@pytest.mark.slow  # a slow reply on purpose
 async def test_idempotent_send_over_socket(server: RunningServer, connect, double) -> None:
     client, session_id, _ = await joined_client(connect, server.url)
     payload = {"sessionId": session_id, "message": "only once", "clientMessageId": "abc-1"}
@@ -140,10 +143,4 @@ async def test_context_window_sends_last_n_messages(start_server, connect, doubl
 
 
 async def client_history(server: RunningServer, session_id: str, token: str) -> list[dict]:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"{server.url}/api/v1/chat/history/{session_id}", headers={"Authorization": f"Bearer {token}"}) as response,
-    ):
-        return (await response.json())["messages"]
+    return (await request("GET", f"{server.url}/api/v1/chat/history/{session_id}", token=token)).body["messages"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
-import aiohttp
+import pytest
 
-from tests.conftest import joined_client
+from tests.clients import joined_client, parse_sse
 
 
 def chunks_for(client, message_id: str) -> list[dict]:
@@ -34,6 +33,7 @@ async def test_fast_stream_is_coalesced_and_adds_up_to_the_stored_reply(server, 
     assert typing[0] == {"sessionId": session_id, "typing": True} and typing[-1]["typing"] is False
 
 
+@pytest.mark.slow  # timed streams
 async def test_slow_stream_flushes_by_time(start_server, connect, double) -> None:
     server = await start_server(stream_flush_ms=20, stream_flush_chars=10_000)
     double.set_mode("openai", "ok", tokens=20, chunk_delay=0.05)
@@ -61,6 +61,7 @@ async def test_stop_generation_closes_the_provider_stream_and_keeps_the_partial(
     assert double.requests["gemini"] == []
 
 
+@pytest.mark.slow  # timed streams
 async def test_failure_before_first_delta_streams_the_next_provider_only(start_server, connect, double) -> None:
     server = await start_server(ai_first_token_timeout=0.5)
     double.set_mode("openai", "hang")
@@ -90,6 +91,7 @@ async def test_cut_stream_is_interrupted_and_restarted_with_reset(server, connec
     assert message["provider"] == "gemini" and "incomplete" not in message
 
 
+@pytest.mark.slow  # timed streams
 async def test_stalled_and_unterminated_streams_are_never_passed_off_as_answers(start_server, connect, double) -> None:
     server = await start_server(ai_stream_idle_timeout=0.5)
     client, session_id, _ = await joined_client(connect, server.url)
@@ -113,6 +115,7 @@ async def test_no_provider_left_stores_partial_as_incomplete_and_escalates(start
     assert system[0]["escalation"]["trigger"] == "error"
 
 
+@pytest.mark.slow  # timed streams
 async def test_rejoin_mid_stream_gets_text_so_far_then_the_rest(server, connect, double) -> None:
     double.set_mode("openai", "ok", tokens=60, chunk_delay=0.03)
     first, session_id, token = await joined_client(connect, server.url)
@@ -135,6 +138,7 @@ async def test_rejoin_mid_stream_gets_text_so_far_then_the_rest(server, connect,
     assert received["message"]["content"].split() == [f"tok{i}" for i in range(60)]
 
 
+@pytest.mark.slow  # timed streams
 async def test_reply_finishes_and_is_stored_when_the_client_leaves(server, connect, double) -> None:
     double.set_mode("openai", "ok", tokens=30, chunk_delay=0.02)
     client, session_id, token = await joined_client(connect, server.url)
@@ -149,39 +153,22 @@ async def test_reply_finishes_and_is_stored_when_the_client_leaves(server, conne
     assert "inProgress" not in joined
 
 
-async def test_sse_endpoint_streams_chunks_then_done(server, double) -> None:
+async def test_sse_endpoint_streams_chunks_then_done(server, double, http) -> None:
     double.set_mode("openai", "ok", tokens=50)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.url}/api/v1/chat/session", json={"userId": "sse"}) as response:
-            session = await response.json()
-        headers = {"Authorization": f"Bearer {session['token']}"}
-        url = f"{server.url}/api/v1/chat/message/stream"
-        async with http.post(url, json={"sessionId": session["sessionId"], "message": "sse!"}, headers=headers) as response:
-            assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
-            events = parse_sse(await response.text())
-        async with http.post(url, json={"sessionId": session["sessionId"], "message": "x"}) as response:
-            assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
-        async with http.post(url, json={"sessionId": session["sessionId"]}, headers=headers) as response:
-            assert response.status == 400
+    _, session, _ = await http.post(f"{server.url}/api/v1/chat/session", {"userId": "sse"})
+    url = f"{server.url}/api/v1/chat/message/stream"
+    response = await http.post(url, {"sessionId": session["sessionId"], "message": "sse!"}, session["token"])
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_sse(response.body)
+    response = await http.post(url, {"sessionId": session["sessionId"], "message": "x"})
+    assert response.status == 401 and response.body["error"]["code"] == "unauthorized"
+    response = await http.post(url, {"sessionId": session["sessionId"]}, session["token"])
+    assert response.status == 400
     chunks = [data for name, data in events if name == "chunk"]
     done = [data for name, data in events if name == "done"]
     assert chunks and len(done) == 1 and events[-1][0] == "done"
     assert "".join(c["delta"] for c in chunks) == done[0]["reply"]["content"]
     assert done[0]["reply"]["provider"] == "openai"
-
-
-def parse_sse(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        name, data = "message", []
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            events.append((name, json.loads("\n".join(data))))
-    return events
 
 
 async def test_stop_always_wins_even_mid_redis_write(server, connect, double) -> None:

@@ -7,18 +7,22 @@ import json
 import time
 
 import orjson
+import pytest
 
-from server.app_keys import SESSIONS
-from server.storage.sessions import ReplyLease, new_id, now_iso
+from server.app_keys import STORAGE
+from server.contract import new_id, now_iso
+from server.storage.messages import ReplyLease
+
+pytestmark = pytest.mark.slow  # leases that must expire
 
 
 async def orphaned_message(server, redis_sync, text: str, *, attempt: int = 1) -> tuple[str, str, str]:
     """A stored user message whose reply was leased to a process that died: (sessionId, messageId, replyId)."""
-    sessions = server.app[SESSIONS]
-    session, _ = await sessions.create("orphan", {})
+    storage = server.app[STORAGE]
+    session, _ = await storage.sessions.create("orphan", {})
     message = {"id": new_id(), "sessionId": session.id, "role": "user", "content": text, "createdAt": now_iso()}
     reply_id = new_id()
-    await sessions.append(session.id, message, lease=ReplyLease("a-dead-process", reply_id, 0.2))
+    await storage.messages.append(session.id, message, lease=ReplyLease("a-dead-process", reply_id, 0.2))
     if attempt > 1:
         key = f"chat:pending:{{{session.id}}}"
         pending = json.loads(redis_sync.get(key))
@@ -57,7 +61,7 @@ async def test_a_reply_that_already_failed_once_is_marked_with_an_error_escalati
 
 
 async def test_a_live_owner_keeps_its_lease_through_a_slow_reply(start_server, connect, double, redis_sync) -> None:
-    from tests.conftest import joined_client
+    from tests.clients import joined_client
 
     first = await start_server()
     await start_server()  # a second process that would take over an expired lease
@@ -71,13 +75,13 @@ async def test_a_live_owner_keeps_its_lease_through_a_slow_reply(start_server, c
 
 
 async def test_the_next_message_answers_an_unfinished_reply_first(server, connect, redis_sync) -> None:
-    from tests.conftest import joined_client
+    from tests.clients import joined_client
 
     client, session_id, _ = await joined_client(connect, server.url)
-    sessions = server.app[SESSIONS]
+    storage = server.app[STORAGE]
     first = {"id": new_id(), "sessionId": session_id, "role": "user", "content": "first", "createdAt": now_iso()}
     # Its process died just now: the lease has not even expired when the visitor writes again.
-    await sessions.append(session_id, first, lease=ReplyLease("a-dead-process", new_id(), 60))
+    await storage.messages.append(session_id, first, lease=ReplyLease("a-dead-process", new_id(), 60))
     sent = await client.call("send-message", {"sessionId": session_id, "message": "second"})
     assert (await client.reply_to(sent["messageId"]))["message"]["content"] == "Echo: second"
     history = [orjson.loads(m) for m in redis_sync.lrange(f"chat:history:{{{session_id}}}", 0, -1)]

@@ -17,11 +17,14 @@ import pytest
 import redis
 
 from server.app_keys import SIO
-from tests.conftest import RunningServer, ServerFactory
+from tests.clients import Http, RawSocket, open_http, request
 from tests.processes import ServerProcess, rss_mb
-from tests.test_input_limits import RawSocket
+from tests.servers import RunningServer, ServerFactory
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.slow,  # floods, slow clients and server processes
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 ATTACHMENT_HEADER = '45999999999-["send-message",{"_placeholder":true,"num":0}]'
 FRAME = b"\x00" * 60_000
@@ -45,26 +48,24 @@ async def closed_within(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> 
         return False
 
 
-async def polling_handshake(http: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
+async def polling_handshake(http: Http, url: str) -> tuple[int, str | None]:
     """An Engine.IO long-polling handshake: (status, sid or None)."""
-    async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
-        text = await response.text()
-        if response.status != 200:
-            return response.status, None
-        return 200, orjson.loads(text[1:])["sid"]
+    status, text = await http.get_text(f"{url}/socket.io/?EIO=4&transport=polling")
+    if status != 200:
+        return status, None
+    return 200, orjson.loads(text[1:])["sid"]
 
 
-async def bare_websocket(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+async def bare_websocket(http: Http, url: str) -> aiohttp.ClientWebSocketResponse:
     """An Engine.IO WebSocket that got its OPEN packet and never joins a namespace."""
-    ws = await http.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket")
+    ws = await http.session.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket")
     opened = await ws.receive(timeout=5)
     assert opened.type == aiohttp.WSMsgType.TEXT and opened.data.startswith("0"), opened
     return ws
 
 
 async def health(url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
-        return await response.json()
+    return (await request("GET", f"{url}/health")).body
 
 
 async def wait_until(predicate: Any, seconds: float) -> bool:
@@ -85,14 +86,6 @@ async def launch(processes: list[ServerProcess], redis_url: str, **env: str) -> 
     process = ServerProcess({"REDIS_URL": redis_url, "AI_PROVIDERS": "local", **env})
     processes.append(process)
     return await process.start()
-
-
-@pytest.fixture
-async def processes() -> Any:
-    started: list[ServerProcess] = []
-    yield started
-    for process in started:
-        await process.stop()
 
 
 # 1. Binary attachments -------------------------------------------------------------------------------------------
@@ -169,25 +162,25 @@ async def test_attachment_flood_leaves_server_memory_bounded(processes: list[Ser
 # 5. Oversized long-polling POSTs ---------------------------------------------------------------------------------
 
 
-async def test_oversized_polling_post_is_answered_413_and_frees_the_session(start_server: ServerFactory) -> None:
+async def test_oversized_polling_post_is_answered_413_and_frees_the_session(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server, socket_max_packet_bytes=20_000)
     sio = server.app[SIO]
     limit = sio.eio.max_http_buffer_size
-    async with aiohttp.ClientSession() as http:
-        status, sid = await polling_handshake(http, server.url)
-        assert status == 200 and sid in sio.eio.sockets
-        url = f"{server.url}/socket.io/?EIO=4&transport=polling&sid={sid}"
-        async with asyncio.timeout(5), http.post(url, data=b"4" + b"x" * (limit + 1000)) as response:
-            assert response.status == 413
-            body = await response.json()
-        assert body["error"]["code"] == "payload_too_large"
-        assert sid not in sio.eio.sockets
-        async with http.get(url) as response:
-            assert response.status == 400  # the session is gone
-        # a POST within the limit still works on a fresh session
-        status, sid = await polling_handshake(http, server.url)
-        async with http.post(f"{server.url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=b"40") as response:
-            assert response.status == 200
+    status, sid = await polling_handshake(http, server.url)
+    assert status == 200 and sid in sio.eio.sockets
+    url = f"{server.url}/socket.io/?EIO=4&transport=polling&sid={sid}"
+    async with asyncio.timeout(5):
+        response = await http.post(url, data=b"4" + b"x" * (limit + 1000))
+    assert response.status == 413
+    body = response.body
+    assert body["error"]["code"] == "payload_too_large"
+    assert sid not in sio.eio.sockets
+    response = await http.get(url)
+    assert response.status == 400  # the session is gone
+    # a POST within the limit still works on a fresh session
+    status, sid = await polling_handshake(http, server.url)
+    response = await http.post(f"{server.url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=b"40")
+    assert response.status == 200
 
 
 async def test_oversized_polling_posts_do_not_hang_or_leak(processes: list[ServerProcess], redis_url: str) -> None:
@@ -196,14 +189,13 @@ async def test_oversized_polling_posts_do_not_hang_or_leak(processes: list[Serve
     assert server.process is not None
     before = rss_mb(server.process.pid)
     body = b"4" + b"x" * 100_000
-    connector = aiohttp.TCPConnector(limit=50)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with open_http(connector=aiohttp.TCPConnector(limit=50)) as http:
 
         async def one() -> int:
             _, sid = await polling_handshake(http, server.url)
             url = f"{server.url}/socket.io/?EIO=4&transport=polling&sid={sid}"
-            async with asyncio.timeout(5), http.post(url, data=body) as response:
-                return response.status
+            async with asyncio.timeout(5):
+                return (await http.post(url, data=body)).status
 
         statuses = await asyncio.gather(*(one() for _ in range(400)))
     assert set(statuses) == {413}
@@ -215,35 +207,33 @@ async def test_oversized_polling_posts_do_not_hang_or_leak(processes: list[Serve
 # 6. Bare engine.io connections -----------------------------------------------------------------------------------
 
 
-async def test_engineio_handshakes_count_against_the_connection_limit(start_server: ServerFactory) -> None:
+async def test_engineio_handshakes_count_against_the_connection_limit(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server, rate_limit_connections_per_minute=3)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(3):
-            assert (await polling_handshake(http, server.url))[0] == 200
-        async with http.get(f"{server.url}/socket.io/?EIO=4&transport=polling") as response:
-            assert response.status == 429
-            assert (await response.json())["error"]["code"] == "rate_limited"
-            assert 1 <= int(response.headers["Retry-After"]) <= 60
-        with pytest.raises(aiohttp.WSServerHandshakeError):
-            await http.ws_connect(f"{server.url}/socket.io/?EIO=4&transport=websocket")
+    for _ in range(3):
+        assert (await polling_handshake(http, server.url))[0] == 200
+    response = await http.get(f"{server.url}/socket.io/?EIO=4&transport=polling")
+    assert response.status == 429
+    assert response.body["error"]["code"] == "rate_limited"
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await http.session.ws_connect(f"{server.url}/socket.io/?EIO=4&transport=websocket")
     assert len(server.app[SIO].eio.sockets) == 3
 
 
-async def test_transport_that_joins_no_namespace_is_closed(start_server: ServerFactory) -> None:
+async def test_transport_that_joins_no_namespace_is_closed(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server, socket_connect_timeout=0.5)
-    async with aiohttp.ClientSession() as http:
-        idle = await bare_websocket(http, server.url)
-        joined = await RawSocket.open(server.url)
-        try:
-            assert await closed_within(idle, 5), "a transport without a namespace stayed open"
-            assert not await closed_within(joined.ws, 1.0)  # one that joined in time stays
-            report = await health(server.url)
-            assert report["engineConnections"] == 1 and report["connectedClients"] == 1
-        finally:
-            await joined.close()
+    idle = await bare_websocket(http, server.url)
+    joined = await RawSocket.open(server.url)
+    try:
+        assert await closed_within(idle, 5), "a transport without a namespace stayed open"
+        assert not await closed_within(joined.ws, 1.0)  # one that joined in time stays
+        report = await health(server.url)
+        assert report["engineConnections"] == 1 and report["connectedClients"] == 1
+    finally:
+        await joined.close()
 
 
-async def test_repeated_namespace_connects_close_the_transport(start_server: ServerFactory) -> None:
+async def test_repeated_namespace_connects_close_the_transport(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server)
     raw = await RawSocket.open(server.url)
     try:
@@ -251,25 +241,23 @@ async def test_repeated_namespace_connects_close_the_transport(start_server: Ser
         assert await closed_within(raw.ws, 5), "a second CONNECT to the same namespace was tolerated"
     finally:
         await raw.close()
-    async with aiohttp.ClientSession() as http:  # refused CONNECTs (a bad agent key) may not be retried forever
-        ws = await bare_websocket(http, server.url)
-        for _ in range(6):
-            await ws.send_str('40/agents,{"key":"wrong-key-guess"}')
-        assert await closed_within(ws, 5)
-        await ws.close()
+    # refused CONNECTs (a bad agent key) may not be retried forever
+    ws = await bare_websocket(http, server.url)
+    for _ in range(6):
+        await ws.send_str('40/agents,{"key":"wrong-key-guess"}')
+    assert await closed_within(ws, 5)
+    await ws.close()
 
 
-async def test_health_and_metrics_report_engineio_connections(start_server: ServerFactory) -> None:
+async def test_health_and_metrics_report_engineio_connections(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server)
-    async with aiohttp.ClientSession() as http:
-        sockets = [await bare_websocket(http, server.url) for _ in range(3)]
-        report = await health(server.url)
-        assert report["engineConnections"] == 3 and report["connectedClients"] == 0
-        async with http.get(f"{server.url}/metrics") as response:
-            text = await response.text()
-        assert "support_engineio_connections 3.0" in text
-        for ws in sockets:
-            await ws.close()
+    sockets = [await bare_websocket(http, server.url) for _ in range(3)]
+    report = await health(server.url)
+    assert report["engineConnections"] == 3 and report["connectedClients"] == 0
+    _, text = await http.get_text(f"{server.url}/metrics")
+    assert "support_engineio_connections 3.0" in text
+    for ws in sockets:
+        await ws.close()
 
 
 async def test_bare_connection_flood_is_limited_and_reaped(processes: list[ServerProcess], redis_url: str) -> None:
@@ -277,7 +265,7 @@ async def test_bare_connection_flood_is_limited_and_reaped(processes: list[Serve
     server = await launch(processes, redis_url, RATE_LIMIT_CONNECTIONS_PER_MINUTE="200", SOCKET_CONNECT_TIMEOUT="1")
     assert server.process is not None
     before = rss_mb(server.process.pid)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as http:
+    async with open_http(connector=aiohttp.TCPConnector(limit=50)) as http:
         statuses = await asyncio.gather(*(polling_handshake(http, server.url) for _ in range(1500)))
     codes = [status for status, _ in statuses]
     assert codes.count(200) == 200 and codes.count(429) == 1300
@@ -318,15 +306,14 @@ async def trickle(host: str, port: int, head: bytes, seconds: float) -> bytes:
         writer.close()
 
 
-async def test_slow_request_bodies_time_out(start_server: ServerFactory) -> None:
+async def test_slow_request_bodies_time_out(start_server: ServerFactory, http: Http) -> None:
     server = await open_server(start_server, request_read_timeout=1.0)
     host, port = server.server.host, server.server.port
     assert port is not None
     rest_head = (
         b"POST /api/v1/chat/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n{"
     )
-    async with aiohttp.ClientSession() as http:
-        _, sid = await polling_handshake(http, server.url)
+    _, sid = await polling_handshake(http, server.url)
     socket_head = (
         f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n"
         "Content-Type: text/plain\r\nContent-Length: 15000\r\n\r\n4"

@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 from server.ai.breaker import CircuitBreaker, claim_panic_probe
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import FakeClock
 
 
 def opened(clock: FakeClock, cooldown: float = 300.0) -> CircuitBreaker:
@@ -106,3 +94,86 @@ def test_a_call_begun_while_closed_does_not_free_the_probe_slot() -> None:
     assert breaker.state == "closed" and breaker.trial_running
     breaker.record_failure(trial=True)  # the probe's own verdict frees the slot
     assert not breaker.trial_running and breaker.state == "open"
+
+
+# --- the breaker's own life cycle ------------------------------------------------------------------------
+
+
+def test_opens_only_after_threshold_failures_in_a_row(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(3, 30, clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    assert breaker.open_until == clock.now + 30
+
+
+def test_a_success_resets_the_count_of_failures(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(3, 30, clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "closed"
+
+
+def test_a_threshold_below_one_counts_as_one(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(0, 30, clock)
+    breaker.record_failure()
+    assert breaker.state == "open"
+
+
+def test_half_open_after_the_cooldown_lets_exactly_one_trial_through(clock: FakeClock) -> None:
+    breaker = opened(clock, cooldown=30)
+    clock.advance(29.9)
+    assert breaker.state == "open" and not breaker.allow()
+    clock.advance(0.1)
+    assert breaker.state == "half_open"
+    assert breaker.allow() and breaker.trial_running
+    assert not breaker.allow()  # a second caller waits for the trial's verdict
+
+
+def test_a_successful_trial_closes_the_circuit(clock: FakeClock) -> None:
+    breaker = opened(clock, cooldown=30)
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.record_success(trial=True)
+    assert breaker.state == "closed" and not breaker.trial_running and breaker.allow()
+
+
+def test_a_failed_trial_reopens_for_a_full_cooldown_whatever_the_threshold(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(5, 30, clock)
+    for _ in range(5):
+        breaker.record_failure()
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.record_failure(trial=True)
+    assert breaker.state == "open" and breaker.open_until == clock.now + 30 and not breaker.trial_running
+
+
+def test_a_cancelled_trial_frees_the_slot_for_the_next_caller(clock: FakeClock) -> None:
+    breaker = opened(clock, cooldown=30)
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.release_trial()
+    assert breaker.state == "half_open" and breaker.allow()
+
+
+def test_retry_after_opens_below_the_threshold_and_never_shortens_an_open_period(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(5, 30, clock)
+    breaker.record_failure(retry_after=120)
+    assert breaker.state == "open" and breaker.open_until == clock.now + 120
+    breaker.record_failure(retry_after=5)  # a shorter hint later does not cut the wait short
+    assert breaker.open_until == clock.now + 120
+    clock.advance(120)
+    assert breaker.state == "half_open"
+
+
+def test_a_zero_retry_after_is_an_ordinary_failure(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(2, 30, clock)
+    breaker.record_failure(retry_after=0)
+    assert breaker.state == "closed"
+    breaker.record_failure(retry_after=0)
+    assert breaker.state == "open" and breaker.open_until == clock.now + 30

@@ -11,7 +11,7 @@ from server.ai.knowledge import KnowledgeBase, KnowledgeMatch
 from server.ai.providers.base import Finished, ProviderRequest, TextDelta
 from server.ai.providers.local import NO_MATCH, LocalProvider, split_words
 
-KB_DIR = Path(__file__).resolve().parent.parent / "config" / "knowledge"
+KB_DIR = Path(__file__).resolve().parents[2] / "config" / "knowledge"
 TOPICS = {"Orders", "Shipping", "Returns", "Refunds", "Payments", "Account"}
 
 
