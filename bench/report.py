@@ -6,9 +6,10 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from scenarios import ECHO, ECHO_REDIS, FIRST_TOKEN_TIMEOUT, PEER, THIS, WS_ECHO
+from scenarios import BASELINE_TREE, ECHO, ECHO_REDIS, FIRST_TOKEN_TIMEOUT, PEER, THIS, WS_ECHO
 
-COLUMNS = [THIS, PEER, ECHO, ECHO_REDIS, WS_ECHO, "own baseline"]
+COLUMNS = [THIS, BASELINE_TREE, PEER, ECHO, ECHO_REDIS, WS_ECHO, "own baseline"]
+SERVERS = [THIS, BASELINE_TREE, PEER, ECHO, ECHO_REDIS, WS_ECHO]
 Getter = Callable[[dict[str, Any]], float | None]
 
 
@@ -52,7 +53,7 @@ def summarize(rows: list[dict[str, Any]], levels: list[int], concurrency: int) -
     def add(metric: str, values: dict[str, float | None], target: str = "", ok: bool | None = None, digits: int = 1) -> None:
         lines.append({"metric": metric, "values": values, "target": target, "pass": ok, "digits": digits})
 
-    def across(scenario: str, get: Getter, names: list[str] = COLUMNS[:5]) -> dict[str, float | None]:
+    def across(scenario: str, get: Getter, names: list[str] = SERVERS) -> dict[str, float | None]:
         return {name: median(rows, name, scenario, get) for name in names}
 
     # B1 idle memory and join latency
@@ -71,7 +72,7 @@ def summarize(rows: list[dict[str, Any]], levels: list[int], concurrency: int) -
     )
     held = across("B1 idle", level(top, "open"))
     add(f"B1 connections held of {top}", held, f"= {top}", None if held[THIS] is None else held[THIS] >= top, 0)
-    join = across("B1 idle", lambda r: r["joinMs"]["p99"], COLUMNS[:4])
+    join = across("B1 idle", lambda r: r["joinMs"]["p99"], SERVERS[:5])
     add(f"B1 join ack p99 ms ({concurrency} in flight)", join, "< 250", _lt(join[THIS], 250))
 
     # B2 closed loop

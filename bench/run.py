@@ -12,6 +12,7 @@ double (devtools.provider_double, port 9002) serve every target.
 
 Prints one table, writes bench/results/latest.json (raw rows + summary), latest.md and the PNG plots.
 Usage: python bench/run.py [--duration 8] [--reps 1] [--idle 1000,5000,10000] [--only B1,B2,B3,B4,B5] [--targets ...]
+       [--baseline-tree DIR]  (an earlier checkout, e.g. `git worktree add /tmp/base HEAD~1`, measured in the same rounds)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--join-concurrency", type=int, default=50, help="B1 connects+joins in flight")
     parser.add_argument("--only", default="B1,B2,B3,B4,B5", help="scenarios to run (B2 and B3 run together)")
     parser.add_argument("--targets", default="", help="comma-separated target names (default: all)")
+    parser.add_argument("--baseline-tree", default="", help="another checkout of this server, run beside it (regressions)")
     return parser.parse_args()
 
 
@@ -70,7 +72,7 @@ def main() -> None:
         old.unlink()
     peer = peer_dir()
     stack = Stack(peer)
-    all_targets = targets(str(peer / "server.js"), stack.redis_url)
+    all_targets = targets(str(peer / "server.js"), stack.redis_url, args.baseline_tree)
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
     chosen = [t for t in all_targets if not wanted or t.name in wanted]
     rows: list[dict[str, Any]] = []
@@ -116,7 +118,7 @@ def main() -> None:
         "cores": {"server": 0, "load": 1},
     }
     # Only a full run replaces the figures docs/performance.md shows; a partial one (--only, --targets) goes beside them.
-    name = "latest" if only >= {"B1", "B2", "B3", "B4", "B5"} and not wanted else "partial"
+    name = "latest" if only >= {"B1", "B2", "B3", "B4", "B5"} and not wanted and not args.baseline_tree else "partial"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
     md = markdown_table(lines)
     (RESULTS / f"{name}.md").write_text(

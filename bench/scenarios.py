@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from harness import PY, RAW, ROOT, Stack, Target, get_json, slug
 
 THIS = "this server"
+BASELINE_TREE = "baseline tree"  # another checkout of this server (--baseline-tree), for regressions
 PEER = "node peer"
 ECHO = "socketio echo"
 ECHO_REDIS = "socketio echo + redis"
@@ -35,8 +37,8 @@ B5_FAULTS: dict[str, tuple[dict[str, str], dict[str, Any] | None]] = {
 }
 
 
-def targets(peer_server: str, redis_url: str) -> list[Target]:
-    """Every server under test, each on its own port."""
+def targets(peer_server: str, redis_url: str, baseline_tree: str = "") -> list[Target]:
+    """Every server under test, each on its own port (an earlier checkout of this server too, when given)."""
     echo = ["-m", "bench.baselines.socketio_echo"]  # as a module from the repo root: it imports the server's middleware
     return [
         Target(THIS, [PY, "-m", "run"], 3301, chat=True),  # `-m run` with the repo root as cwd
@@ -44,7 +46,7 @@ def targets(peer_server: str, redis_url: str) -> list[Target]:
         Target(ECHO, [PY, *echo, "--port", "3303"], 3303),
         Target(ECHO_REDIS, [PY, *echo, "--port", "3304", "--redis", redis_url], 3304),
         Target(WS_ECHO, [PY, str(ROOT / "bench/baselines/aiohttp_ws_echo.py"), "--port", "3305"], 3305, protocol="ws"),
-    ]
+    ] + ([Target(BASELINE_TREE, [PY, str(Path(baseline_tree).resolve() / "run.py")], 3306, chat=True)] if baseline_tree else [])
 
 
 def row(target: str, scenario: str, rep: int, out: dict[str, Any], **extra: Any) -> dict[str, Any]:
