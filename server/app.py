@@ -35,7 +35,6 @@ from server.app_keys import (
     RATE_LIMITS,
     REDIS,
     SCHEMAS,
-    SESSIONS,
     SETTINGS,
     SIO,
     STORAGE,
@@ -65,7 +64,6 @@ from server.schemas import build_schemas
 from server.settings import Settings
 from server.storage.bundle import Storage
 from server.storage.redis import EmbeddedRedis
-from server.storage.sessions import SessionManager
 from server.storage.spool import Spool
 from server.storage.write_behind import WriteBehindStore
 from server.web.middleware import (
@@ -163,7 +161,6 @@ def create_app(settings: Settings) -> web.Application:
         token_reuse_grace=settings.token_reuse_grace,
     )
     app[STORAGE] = storage
-    sessions = SessionManager.over(storage)  # TEMPORARY facade for callers not yet on the stores
     chain = ProviderChain(
         build_providers(settings, knowledge),
         failure_threshold=settings.provider_failure_threshold,
@@ -178,9 +175,9 @@ def create_app(settings: Settings) -> web.Application:
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     emitter = Emitter(sio)
     handoff = HandoffService(
-        sessions=sessions,
+        storage=storage,
         emitter=emitter,
-        summarizer=ConversationSummarizer(chain, sessions),
+        summarizer=ConversationSummarizer(chain, storage.messages, storage.analytics),
         settings=settings.handoff,
         instance_id=instance_id,
         metrics=metrics,
@@ -193,10 +190,11 @@ def create_app(settings: Settings) -> web.Application:
     )
     # The chat: turn queue -> responder (store, answer, announce); see server/chat/service.py.
     chat_settings = settings.chat
-    leases = ReplyLeases(sessions, owner=instance_id, seconds=chat_settings.lease_seconds)
+    leases = ReplyLeases(storage.messages, owner=instance_id, seconds=chat_settings.lease_seconds)
     escalations = Escalations(
         EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
-        sessions=sessions,
+        sessions=storage.sessions,
+        tickets=storage.tickets,
         store=store,
         emitter=emitter,
         metrics=metrics,
@@ -213,20 +211,26 @@ def create_app(settings: Settings) -> web.Application:
             top_k=settings.knowledge_in_prompt,
         ),
         budgets=Budgets(storage.rate_limits, storage.sessions, BudgetPolicy.from_settings(settings), metrics),
-        streams=ReplyStreams(emitter, sessions, chat_settings.streaming),
+        streams=ReplyStreams(emitter, storage.messages, chat_settings.streaming),
         store=store,
         finisher=finisher,
         settings=chat_settings,
     )
     responder = Responder(
-        writer=writer, finisher=finisher, store=store, sessions=sessions, leases=leases, metrics=metrics, settings=chat_settings
+        writer=writer,
+        finisher=finisher,
+        store=store,
+        messages=storage.messages,
+        leases=leases,
+        metrics=metrics,
+        settings=chat_settings,
     )
     chat = ChatService(
-        turns=TurnQueue(responder.handle, sessions=sessions, store=store, owner=instance_id, settings=chat_settings),
+        turns=TurnQueue(responder.handle, messages=storage.messages, store=store, owner=instance_id, settings=chat_settings),
         writer=writer,
         escalations=escalations,
         leases=leases,
-        sessions=sessions,
+        storage=storage,
         store=store,
         settings=chat_settings,
     )
@@ -244,7 +248,7 @@ def create_app(settings: Settings) -> web.Application:
         sio,
         emitter,
         schemas,
-        sessions=sessions,
+        storage=storage,
         chat=chat,
         tickets=handoff.tickets,
         limits=limits,
@@ -259,7 +263,6 @@ def create_app(settings: Settings) -> web.Application:
     app[AGENT_EVENTS] = agents
     app[SCHEMAS] = schemas
     app[OPENAPI] = build_openapi(schemas)
-    app[SESSIONS] = sessions
     app[CHAIN] = chain
     app[CHAT_SERVICE] = chat
     app[CUSTOMER_EVENTS] = customers

@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # services never import this module, but some import each oth
     from server.schemas import Schemas
     from server.storage.bundle import Storage
     from server.storage.redis import EmbeddedRedis
-    from server.storage.sessions import SessionManager
     from server.web.rate_limits import RateLimits
 
 # Real types, never a string (which makes the key Any): `app[KEY]` is typed wherever it is read.
@@ -32,7 +31,6 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 EMBEDDED_REDIS: web.AppKey[EmbeddedRedis | None] = web.AppKey("embedded_redis")
 SIO = web.AppKey("sio", socketio.AsyncServer)
 SCHEMAS: web.AppKey[Schemas] = web.AppKey("schemas")
-SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions")  # TEMPORARY: the facade over STORAGE's stores
 STORAGE: web.AppKey[Storage] = web.AppKey("storage")
 CHAIN: web.AppKey[ProviderChain] = web.AppKey("chain")
 CHAT_SERVICE: web.AppKey[ChatService] = web.AppKey("chat_service")

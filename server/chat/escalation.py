@@ -12,7 +12,8 @@ from server.contract import HELD_BY_PEOPLE, EscalationRecord, SessionState, Trig
 from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
 from server.storage.errors import STORAGE_DOWN
-from server.storage.sessions import SessionManager
+from server.storage.sessions import SessionStore
+from server.storage.tickets import TicketStore
 from server.storage.write_behind import WriteBehindStore
 
 if TYPE_CHECKING:  # the handoff service takes Escalation objects: a type-only import, no cycle
@@ -92,7 +93,8 @@ class Escalations:
         self,
         rules: EscalationRules,
         *,
-        sessions: SessionManager,
+        sessions: SessionStore,
+        tickets: TicketStore,
         store: WriteBehindStore,
         emitter: Emitter,
         metrics: Metrics,
@@ -100,6 +102,7 @@ class Escalations:
     ) -> None:
         self.rules = rules
         self._sessions = sessions
+        self._tickets = tickets
         self._store = store
         self._emitter = emitter
         self._metrics = metrics
@@ -131,7 +134,7 @@ class Escalations:
             session = await self._sessions.get(session_id)
             if session is None or session.state in HELD_BY_PEOPLE:
                 return None if session is None else session.state
-            if session.state == SessionState.TICKET and await self._sessions.open_ticket_id(session_id) is not None:
+            if session.state == SessionState.TICKET and await self._tickets.open_ticket_id(session_id) is not None:
                 return SessionState.TICKET.value
         except STORAGE_DOWN:
             return None  # the escalation is buffered with the messages, as before
@@ -147,5 +150,6 @@ class Escalations:
 
     async def _keep(self, session_id: str, body: dict[str, Any]) -> None:
         """Keep an escalation with the session, count it, and bring in a person (queue or ticket)."""
-        await self._sessions.record_escalation(session_id, body)
-        await self._handoff.on_escalation(Escalation.from_record({**body, "sessionId": session_id}))
+        escalation = Escalation.from_record({**body, "sessionId": session_id})
+        await self._sessions.record_escalation(session_id, escalation.to_dict())
+        await self._handoff.on_escalation(escalation)

@@ -9,7 +9,7 @@ from typing import Any
 
 from loguru import logger
 
-from server.storage.sessions import ReplyLease, SessionManager
+from server.storage.messages import MessageStore, ReplyLease
 
 RECOVERY_ATTEMPTS = 2  # a reply is written again at most once after its owner died; then it is marked incomplete
 TAKEOVER_INTERVAL_SECONDS = 1.0
@@ -20,8 +20,8 @@ OrphanHandler = Callable[[str, dict[str, Any]], bool]  # (session, pending reply
 class ReplyLeases:
     """Sessions whose awaited reply this process owns, their leases kept alive, and the orphans of others found."""
 
-    def __init__(self, sessions: SessionManager, *, owner: str, seconds: float) -> None:
-        self._sessions = sessions
+    def __init__(self, messages: MessageStore, *, owner: str, seconds: float) -> None:
+        self._messages = messages
         self._owner = owner
         self._seconds = seconds
         self._held: set[str] = set()
@@ -37,11 +37,11 @@ class ReplyLeases:
 
     async def renew(self, session_id: str, message_id: str, lease: ReplyLease) -> None:
         """Lease the reply a stored message awaits (again, after an orphan's reply was finished first)."""
-        await self._sessions.lease(session_id, message_id, lease)
+        await self._messages.lease(session_id, message_id, lease)
 
     async def release(self, session_id: str) -> None:
         """The awaited reply exists after all, or will never be written: nothing is left to finish."""
-        await self._sessions.release_lease(session_id)
+        await self._messages.release_lease(session_id)
 
     def start(self, on_orphan: OrphanHandler) -> None:
         """Renew this process's leases, and hand replies whose owner stopped renewing theirs to `on_orphan`."""
@@ -67,7 +67,7 @@ class ReplyLeases:
             if not self._held:
                 continue
             try:
-                await self._sessions.renew_leases(list(self._held), self._seconds)
+                await self._messages.renew_leases(list(self._held), self._seconds)
             except Exception as err:
                 if not failing:
                     logger.warning("could not renew reply leases: {}", type(err).__name__)
@@ -81,7 +81,7 @@ class ReplyLeases:
             await asyncio.sleep(interval)
             try:
                 # One renew interval of grace: after a Redis outage, live owners renew before anyone takes over.
-                taken = await self._sessions.take_expired_leases(self._owner, self._seconds, grace=self._seconds / 3)
+                taken = await self._messages.take_expired_leases(self._owner, self._seconds, grace=self._seconds / 3)
             except Exception as err:
                 if not failing:
                     logger.warning("could not look for orphaned replies: {}", type(err).__name__)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from loguru import logger
 
@@ -29,7 +29,7 @@ from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
 from server.settings import ChatSettings
 from server.storage.errors import STORAGE_DOWN
-from server.storage.sessions import SessionManager
+from server.storage.messages import MessageStore
 from server.storage.write_behind import WriteBehindStore
 
 BUDGET_MESSAGE = (
@@ -70,7 +70,7 @@ class Responder:
         writer: ReplyWriter,
         finisher: Finisher,
         store: WriteBehindStore,
-        sessions: SessionManager,
+        messages: MessageStore,
         leases: ReplyLeases,
         metrics: Metrics,
         settings: ChatSettings,
@@ -78,7 +78,7 @@ class Responder:
         self._writer = writer
         self._finisher = finisher
         self._store = store
-        self._sessions = sessions
+        self._messages = messages
         self._leases = leases
         self._metrics = metrics
         self._settings = settings
@@ -125,10 +125,10 @@ class Responder:
                     await self._leases.renew(session_id, stored["id"], lease)
             if appended.duplicate:
                 try:
-                    reply = await self._sessions.find_reply(session_id, stored["id"])
+                    reply = await self._messages.find_reply(session_id, stored["id"])
                 except STORAGE_DOWN:
                     reply = None
-                turn.done.set_result(TurnResult(session_id, stored, cast(Message | None, reply), None, duplicate=True))
+                turn.done.set_result(TurnResult(session_id, stored, reply, None, duplicate=True))
                 return
             if self._writer.over_budget(appended.session_tokens):
                 result = await self._finisher.budget_spent(session_id, stored)
@@ -143,11 +143,11 @@ class Responder:
         """Finish a reply whose process died: answer again, or after a failed second try, say a person follows up."""
         user_message_id = str(pending.get("replyTo", ""))
         try:
-            found = await self._sessions.message_with_context(session_id, user_message_id, self._settings.max_history)
-            if found is None or await self._sessions.find_reply(session_id, user_message_id) is not None:
+            found = await self._messages.message_with_context(session_id, user_message_id, self._settings.max_history)
+            if found is None or await self._messages.find_reply(session_id, user_message_id) is not None:
                 await self._leases.release(session_id)
                 return
-            user_message, context = cast(tuple[Message, list[Message]], found)
+            user_message, context = found
             reply_id = str(pending.get("replyId") or new_id())
             resume_at = int(pending.get("resumeIndex", -1)) + 1
             if int(pending.get("attempt", 2)) > RECOVERY_ATTEMPTS:

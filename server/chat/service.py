@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from server.chat.escalation import Escalations
 from server.chat.leases import ReplyLeases
@@ -17,8 +17,8 @@ from server.chat.responder import ReplyWriter
 from server.chat.turns import TurnQueue, TurnResult
 from server.contract import InProgress, Message
 from server.settings import ChatSettings
+from server.storage.bundle import Storage
 from server.storage.errors import STORAGE_DOWN
-from server.storage.sessions import SessionManager
 from server.storage.write_behind import WriteBehindStore
 
 
@@ -32,7 +32,7 @@ class ChatService:
         writer: ReplyWriter,
         escalations: Escalations,
         leases: ReplyLeases,
-        sessions: SessionManager,
+        storage: Storage,
         store: WriteBehindStore,
         settings: ChatSettings,
     ) -> None:
@@ -40,7 +40,7 @@ class ChatService:
         self._writer = writer
         self._escalations = escalations
         self._leases = leases
-        self._sessions = sessions
+        self._storage = storage
         self.store = store  # the write-behind buffer: the app drains it at shutdown, health reports its depth
         self._settings = settings
 
@@ -80,8 +80,8 @@ class ChatService:
         the visitor keeps the token it has.
         """
         try:
-            new_token = await self._sessions.rotate_token_if_idle(session_id, token, self._settings.token_rotate_after)
-            await self._sessions.touch(session_id)
+            new_token = await self._storage.sessions.rotate_token_if_idle(session_id, token, self._settings.token_rotate_after)
+            await self._storage.sessions.touch(session_id)
         except STORAGE_DOWN:
             return token
         return new_token or token
@@ -89,7 +89,7 @@ class ChatService:
     async def history_for_join(self, session_id: str, after_id: str | None, limit: int) -> list[Message]:
         """What a (re)joining client missed; during an outage, what this process still holds of it."""
         try:
-            return cast(list[Message], await self._sessions.messages_after(session_id, after_id, limit))
+            return await self._storage.messages.messages_after(session_id, after_id, limit)
         except STORAGE_DOWN:
             recent = self.store.recent_messages(session_id)
             ids = [m.get("id") for m in recent]
@@ -104,7 +104,7 @@ class ChatService:
         if not self._settings.cross_process_order:  # one process: no reply is being written anywhere else
             return None
         try:
-            snapshot = await self._sessions.in_flight(session_id)
+            snapshot = await self._storage.messages.in_flight(session_id)
         except STORAGE_DOWN:
             return None
         if snapshot is None or any(m.get("id") == snapshot["messageId"] for m in history):

@@ -17,7 +17,7 @@ from server.contract import EscalationRecord, Message
 from server.errors import ApiError, api_error_from, storage_unavailable
 from server.settings import ChatSettings
 from server.storage.errors import STORAGE_DOWN, LockError
-from server.storage.sessions import SessionManager
+from server.storage.messages import MessageStore
 from server.storage.write_behind import WriteBehindStore
 
 if TYPE_CHECKING:
@@ -67,13 +67,13 @@ class TurnQueue:
         self,
         handle: TurnHandler,
         *,
-        sessions: SessionManager,
+        messages: MessageStore,
         store: WriteBehindStore,
         owner: str,
         settings: ChatSettings,
     ) -> None:
         self._handle = handle
-        self._sessions = sessions
+        self._messages = messages
         self._store = store
         self._owner = owner  # this process, in lock tokens
         self._settings = settings
@@ -218,7 +218,7 @@ class TurnQueue:
         is skipped rather than turning the outage into an error.
         """
         cross_process = self._settings.cross_process_order and not self._store.depth
-        lock = self._sessions.session_lock(session_id) if cross_process else None
+        lock = self._messages.session_lock(session_id) if cross_process else None
         acquired = False
         if lock is not None:
             try:

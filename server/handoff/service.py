@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from loguru import logger
 
@@ -24,7 +24,7 @@ from server.handoff.tickets import TicketDesk
 from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
 from server.settings import HandoffSettings
-from server.storage.sessions import SessionManager
+from server.storage.bundle import Storage
 
 AGENT_FRESHNESS_MS = 15_000
 PREVIEW_LINES = 3
@@ -37,22 +37,22 @@ class HandoffService:
     def __init__(
         self,
         *,
-        sessions: SessionManager,
+        storage: Storage,
         emitter: Emitter,
         summarizer: ConversationSummarizer,
         settings: HandoffSettings,
         instance_id: str,
         metrics: Metrics,
     ) -> None:
-        self._sessions = sessions
+        self._storage = storage
         self._emitter = emitter
         self._summarizer = summarizer
         self._settings = settings
         self._instance_id = instance_id
         self._metrics = metrics
-        self._notes = SystemNotes(sessions, emitter)
-        self.tickets = TicketDesk(sessions, emitter, summarizer)
-        self.sweeper = Sweeper(self, self.tickets, sessions=sessions, emitter=emitter, settings=settings)
+        self._notes = SystemNotes(storage.messages, emitter)
+        self.tickets = TicketDesk(storage.tickets, storage.sessions, storage.messages, emitter, summarizer)
+        self.sweeper = Sweeper(self, self.tickets, queue=storage.queue, emitter=emitter, settings=settings)
         self._local_agents: dict[str, str] = {}  # socket id -> agent name, on this process
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -60,11 +60,11 @@ class HandoffService:
     async def on_escalation(self, escalation: Escalation) -> None:
         """Queue the conversation for an agent, or, with nobody online, ask for contact details and open a ticket."""
         session_id = escalation.session_id
-        session = await self._sessions.get(session_id)
+        session = await self._storage.sessions.get(session_id)
         if session is None or session.state in HELD_BY_PEOPLE:
             return
-        if await self._sessions.agents_online(AGENT_FRESHNESS_MS) > 0:
-            transcript = await self._sessions.transcript(session_id)
+        if await self._storage.queue.agents_online(AGENT_FRESHNESS_MS) > 0:
+            transcript = await self._storage.messages.transcript(session_id)
             preview: list[PreviewLine] = [
                 {"role": m["role"], "content": m["content"][:PREVIEW_CHARS]}
                 for m in transcript[-PREVIEW_LINES:]
@@ -79,8 +79,8 @@ class HandoffService:
                 "waitingSince": now_iso(),
                 "summary": None,
             }
-            if await self._sessions.enqueue(session_id, cast("dict[str, Any]", entry)):
-                await self._sessions.set_session_fields(session_id, trigger=escalation.trigger, reason=escalation.reason)
+            if await self._storage.queue.enqueue(session_id, entry):
+                await self._storage.sessions.set_fields(session_id, trigger=escalation.trigger, reason=escalation.reason)
                 await self._notes.post(session_id, self._settings.message)
                 await self.broadcast_queue()
                 self._spawn(self._summarize_waiting(session_id))
@@ -89,35 +89,34 @@ class HandoffService:
 
     async def _summarize_waiting(self, session_id: str) -> None:
         summary = await self._summarizer.summarize(session_id)
-        await self._sessions.set_session_fields(session_id, summary=summary)
-        if await self._sessions.update_queue_entry(session_id, summary=summary):
+        await self._storage.sessions.set_fields(session_id, summary=summary)
+        if await self._storage.queue.update_entry(session_id, summary=summary):
             await self.broadcast_queue()
 
     # Agents -----------------------------------------------------------------------------
     async def queue(self) -> list[QueueEntry]:
         """The conversations waiting for an agent, oldest first."""
-        return cast(list[QueueEntry], await self._sessions.queue())
+        return await self._storage.queue.entries()
 
     async def held_by(self, agent_name: str) -> list[str]:
         """The sessions an agent holds (a reconnecting agent goes back into them)."""
-        return await self._sessions.sessions_held_by(agent_name)
+        return await self._storage.queue.held_by(agent_name)
 
     async def claim(self, agent_name: str, session_id: str) -> dict[str, Any]:
         """One agent wins; the winner gets transcript, trigger, reason and summary."""
-        won, value = await self._sessions.claim(session_id, agent_name)
-        if not won:
-            state = value if isinstance(value, str) else ""
-            if state == SessionState.AGENT:
+        claim = await self._storage.queue.claim(session_id, agent_name)
+        if not claim.won:
+            if claim.state == SessionState.AGENT:
                 raise ApiError("validation_error", "Another agent already took this conversation.", {"sessionId": "claimed"})
             raise ApiError("not_found", "This conversation is not waiting for an agent.")
-        entry = value if isinstance(value, dict) else {}
+        entry: Mapping[str, Any] = claim.entry or {}  # an entry may be gone (its session claimed from elsewhere)
         if entry.get("waitingSince"):
             waited = datetime.now(tz=UTC) - datetime.fromisoformat(entry["waitingSince"].replace("Z", "+00:00"))
             self._metrics.handoff_wait.observe(max(0.0, waited.total_seconds()))
-        fields = await self._sessions.session_fields(session_id, "summary", "trigger", "reason")
-        transcript = await self._sessions.transcript(session_id)
+        fields = await self._storage.sessions.fields(session_id, "summary", "trigger", "reason")
+        transcript = await self._storage.messages.transcript(session_id)
         summary = fields["summary"] or entry.get("summary") or self._summarizer.fallback(transcript)
-        await self._sessions.touch_agent_activity(session_id)
+        await self._storage.queue.touch_agent_activity(session_id)
         await self._emitter.agent_joined(session_id, agent_name)
         await self._notes.post(session_id, f"{agent_name} from our support team joined the chat.")
         await self.broadcast_queue()
@@ -128,16 +127,16 @@ class HandoffService:
             "trigger": fields["trigger"] or entry.get("trigger"),
             "reason": fields["reason"] or entry.get("reason"),
             "summary": summary,
-            "transcript": await self._sessions.transcript(session_id),
+            "transcript": await self._storage.messages.transcript(session_id),
         }
 
     async def agent_message(self, agent_name: str, session_id: str, text: str) -> Message:
         """An agent's words reach the customer as `message-received` with role `agent`."""
-        if await self._sessions.agent_holder(session_id) != agent_name:
+        if await self._storage.queue.holder(session_id) != agent_name:
             raise ApiError("unauthorized", "You are not holding this conversation.")
         message = new_message(session_id, "agent", text, agentName=agent_name)
-        await self._sessions.append(session_id, cast("dict[str, Any]", message))
-        await self._sessions.touch_agent_activity(session_id)
+        await self._storage.messages.append(session_id, message)
+        await self._storage.queue.touch_agent_activity(session_id)
         await self._emitter.message_to_everyone(message)
         return message
 
@@ -163,7 +162,7 @@ class HandoffService:
         resolution: str | None = None,
         idle_cutoff_ms: int | None = None,
     ) -> bool:
-        result = await self._sessions.release(session_id, agent_name, new_state, idle_cutoff_ms)
+        result = await self._storage.queue.release(session_id, agent_name, new_state, idle_cutoff_ms)
         if result == -1:
             raise ApiError("unauthorized", "You are not holding this conversation.")
         if result == 0:
@@ -171,7 +170,7 @@ class HandoffService:
                 return False
             raise ApiError("not_found", "No agent holds this conversation.")
         if resolution is not None:
-            await self._sessions.set_session_fields(session_id, resolution=resolution, closedAt=now_iso())
+            await self._storage.sessions.set_fields(session_id, resolution=resolution, closedAt=now_iso())
         name = agent_name or "The agent"
         await self._emitter.agent_left(session_id, agent_name, why)
         text = (
@@ -192,17 +191,17 @@ class HandoffService:
     async def agent_connected(self, sid: str, name: str) -> None:
         """An agent's socket connected here: it counts as online (for queue or ticket) while this process lives."""
         self._local_agents[sid] = name
-        await self._sessions.agent_seen(f"{self._instance_id}:{sid}", online=True)
+        await self._storage.queue.agent_seen(f"{self._instance_id}:{sid}", online=True)
 
     async def agent_disconnected(self, sid: str) -> None:
         """An agent's socket left."""
         self._local_agents.pop(sid, None)
-        await self._sessions.agent_seen(f"{self._instance_id}:{sid}", online=False)
+        await self._storage.queue.agent_seen(f"{self._instance_id}:{sid}", online=False)
 
     async def refresh_presence(self) -> None:
         """This process's agents are still here (presence fades after AGENT_FRESHNESS_MS without this)."""
         for sid in list(self._local_agents):
-            await self._sessions.agent_seen(f"{self._instance_id}:{sid}", online=True)
+            await self._storage.queue.agent_seen(f"{self._instance_id}:{sid}", online=True)
 
     # Lifecycle --------------------------------------------------------------------------
     async def run_sweeper(self) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from loguru import logger
 
 from server.ai.chain import ChainDone, ProviderChain
 from server.ai.providers.base import ChatTurn, ProviderRequest
-from server.storage.sessions import SessionManager
+from server.contract import Message
+from server.storage.analytics import AnalyticsStore
+from server.storage.messages import MessageStore
 
 SUMMARY_PROMPT = (
     "You write hand-over notes for a human support agent. The conversation so far is given as its own turns: "
@@ -27,14 +31,15 @@ class ConversationSummarizer:
     It reads the circuit breakers but never moves them: the breakers measure what customers' messages meet.
     """
 
-    def __init__(self, chain: ProviderChain, sessions: SessionManager, max_messages: int = 30) -> None:
+    def __init__(self, chain: ProviderChain, messages: MessageStore, analytics: AnalyticsStore, max_messages: int = 30) -> None:
         self._chain = chain
-        self._sessions = sessions
+        self._messages = messages
+        self._analytics = analytics
         self._max_messages = max_messages
 
     async def summarize(self, session_id: str) -> str:
         """A few sentences about the conversation so far."""
-        messages = (await self._sessions.transcript(session_id))[-self._max_messages :]
+        messages = (await self._messages.transcript(session_id))[-self._max_messages :]
         turns = conversation_turns(messages)
         if turns:
             try:
@@ -51,7 +56,7 @@ class ConversationSummarizer:
                 outcome = None
             if outcome is not None:
                 try:
-                    await self._sessions.count_provider_calls(outcome.attempts)
+                    await self._analytics.count_provider_calls(outcome.attempts)
                 except Exception as err:  # counters must never cost the summary
                     logger.warning("could not count summary provider calls: {}", type(err).__name__)
             if isinstance(outcome, ChainDone) and outcome.text.strip():
@@ -59,7 +64,7 @@ class ConversationSummarizer:
         return self.fallback(messages)
 
     @staticmethod
-    def fallback(messages: list[dict]) -> str:
+    def fallback(messages: Sequence[Message]) -> str:
         """The customer's last few messages, when no model can summarize."""
         said = [m["content"].strip() for m in messages if m.get("role") == "user" and m.get("content")]
         if not said:
@@ -67,7 +72,7 @@ class ConversationSummarizer:
         return "Customer's last messages: " + " | ".join(f"“{text[:200]}”" for text in said[-3:])
 
 
-def conversation_turns(messages: list[dict]) -> tuple[ChatTurn, ...]:
+def conversation_turns(messages: Sequence[Message]) -> tuple[ChatTurn, ...]:
     """The conversation as structured turns, so a visitor's text can never pose as the assistant or an agent."""
     turns: list[ChatTurn] = []
     for message in messages:

@@ -17,7 +17,7 @@ from server.contract import Trigger
 from server.handoff.tickets import TicketDesk
 from server.realtime.emitter import Emitter
 from server.settings import HandoffSettings
-from server.storage.sessions import SessionManager
+from server.storage.queue import QueueStore
 
 if TYPE_CHECKING:  # the handoff service builds its sweeper: a type-only import, no cycle
     from server.handoff.service import HandoffService
@@ -34,13 +34,13 @@ class Sweeper:
         handoff: HandoffService,
         tickets: TicketDesk,
         *,
-        sessions: SessionManager,
+        queue: QueueStore,
         emitter: Emitter,
         settings: HandoffSettings,
     ) -> None:
         self._handoff = handoff
         self._tickets = tickets
-        self._sessions = sessions
+        self._queue = queue
         self._emitter = emitter
         self._settings = settings
         self._stopping = asyncio.Event()
@@ -58,14 +58,14 @@ class Sweeper:
         expired: list[str] = []
         if now_ms - self._last_expiry_scan_ms >= self.expiry_scan_seconds * 1000:
             self._last_expiry_scan_ms = now_ms
-            expired = await self._sessions.drop_expired_handoffs()
+            expired = await self._queue.drop_expired()
         for session_id in expired:
             logger.info("session {}: expired while queued or held; its queue and hold entries removed", session_id)
             await self._emitter.session_ended(session_id, "expired")
-        waiting, idle = await self._sessions.overdue(wait_cutoff, idle_cutoff)
+        waiting, idle = await self._queue.overdue(wait_cutoff, idle_cutoff)
         changed = bool(expired)
         for session_id in waiting:
-            entry = await self._sessions.take_overdue_waiting(session_id, wait_cutoff)
+            entry = await self._queue.take_overdue_waiting(session_id, wait_cutoff)
             if entry is None:
                 continue
             changed = True

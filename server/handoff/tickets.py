@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Any, cast
+from typing import cast
 
 from loguru import logger
 
-from server.contract import Message, Ticket, Trigger, now_iso
+from server.contract import Ticket, Trigger, now_iso
 from server.errors import ApiError
 from server.handoff.notes import SystemNotes
 from server.handoff.summary import ConversationSummarizer
 from server.realtime.emitter import Emitter
-from server.storage.sessions import SessionManager
+from server.storage.errors import SessionGone
+from server.storage.messages import MessageStore
+from server.storage.sessions import SessionStore
+from server.storage.tickets import TicketStore
 
 CONTACT_REQUEST = (
     "Nobody from our team is free right now. Leave your email address and we'll get back to you; "
@@ -25,11 +28,20 @@ CONTACT_REQUEST = (
 class TicketDesk:
     """Opens one ticket per conversation, completes it with the visitor's contact, and resolves it."""
 
-    def __init__(self, sessions: SessionManager, emitter: Emitter, summarizer: ConversationSummarizer) -> None:
+    def __init__(
+        self,
+        tickets: TicketStore,
+        sessions: SessionStore,
+        messages: MessageStore,
+        emitter: Emitter,
+        summarizer: ConversationSummarizer,
+    ) -> None:
+        self._tickets = tickets
         self._sessions = sessions
+        self._messages = messages
         self._emitter = emitter
         self._summarizer = summarizer
-        self._notes = SystemNotes(sessions, emitter)
+        self._notes = SystemNotes(messages, emitter)
         self.shutting_down = False  # set at shutdown: tickets are filed without a summary (no model call then)
 
     async def open(self, session_id: str, trigger: str, reason: str) -> Ticket:
@@ -39,15 +51,16 @@ class TicketDesk:
         written, changes nothing and says nothing again. A client address over TICKETS_PER_CLIENT_PER_HOUR
         gets no ticket (rate_limited).
         """
-        outcome, ticket_id = await self._sessions.claim_ticket(session_id, f"T-{secrets.token_hex(5).upper()}")
+        outcome, ticket_id = await self._tickets.claim(session_id, f"T-{secrets.token_hex(5).upper()}")
         if outcome == "exists" and ticket_id is not None:
-            stored = await self._sessions.ticket(ticket_id)
-            return cast(Ticket, stored or {"id": ticket_id, "sessionId": session_id, "status": "open"})
+            stored = await self._tickets.get(ticket_id)
+            # Still being written by another request: what is known of it so far (its id, above all).
+            return stored or cast(Ticket, {"id": ticket_id, "sessionId": session_id, "status": "open"})
         if outcome == "limited":
             logger.warning("session {}: no ticket opened: its client is over TICKETS_PER_CLIENT_PER_HOUR", session_id)
             raise ApiError("rate_limited", "Too many requests for our team from your network; try again later.", retry_after=300)
         if outcome != "new" or ticket_id is None:
-            raise ApiError("not_found", "The session has ended.")
+            raise SessionGone(session_id)  # the edges answer not_found, "The session has ended."
         session = await self._sessions.get(session_id)
         ticket: Ticket = {
             "id": ticket_id,
@@ -58,12 +71,12 @@ class TicketDesk:
             "reason": reason,
             # Shutting down: no model call now (the transcript is kept); a summary would hold the exit up.
             "summary": None if self.shutting_down else await self._summarizer.summarize(session_id),
-            "transcript": await self._transcript(session_id),
+            "transcript": await self._messages.transcript(session_id),
             "contact": None,
             "createdAt": now_iso(),
             "updatedAt": now_iso(),
         }
-        await self._save(ticket)  # the session's state and ticketId were set by the claim
+        await self._tickets.save(ticket)  # the session's state and ticketId were set by the claim
         logger.info("session {}: ticket {} opened ({})", session_id, ticket["id"], trigger)
         await self._emitter.contact_requested(session_id)
         await self._notes.post(session_id, CONTACT_REQUEST)
@@ -82,14 +95,14 @@ class TicketDesk:
         ticket = await self._open_ticket_of(session_id)
         if ticket is None:
             ticket = await self._written(await self.open(session_id, Trigger.USER_REQUEST, "The visitor left contact details."))
-        if not await self._sessions.contact_changed(ticket["id"], email):  # said before: nothing new to announce
+        if not await self._tickets.contact_changed(ticket["id"], email):  # said before: nothing new to announce
             return ticket
         ticket = ticket | {
             "contact": {"email": email},
-            "transcript": await self._transcript(session_id),
+            "transcript": await self._messages.transcript(session_id),
             "updatedAt": now_iso(),
         }
-        await self._save(ticket)
+        await self._tickets.save(ticket)
         await self._emitter.ticket_created(session_id, ticket["id"])
         await self._notes.post(
             session_id,
@@ -100,7 +113,7 @@ class TicketDesk:
 
     async def resolve(self, ticket_id: str, agent_name: str, resolution: str | None) -> Ticket:
         """Close a ticket."""
-        ticket = await self._ticket(ticket_id)
+        ticket = await self._tickets.get(ticket_id)
         if ticket is None:
             raise ApiError("not_found", "No such ticket.")
         ticket = ticket | {
@@ -110,7 +123,7 @@ class TicketDesk:
             "resolvedAt": now_iso(),
             "updatedAt": now_iso(),
         }
-        await self._save(ticket)
+        await self._tickets.save(ticket)
         return ticket
 
     async def _written(self, ticket: Ticket, wait: float = 30.0) -> Ticket:
@@ -120,21 +133,12 @@ class TicketDesk:
             if time.monotonic() > deadline:
                 raise ApiError("unavailable", "Your request is still being filed; please retry.", retry_after=2)
             await asyncio.sleep(0.1)
-            ticket = await self._ticket(ticket["id"]) or ticket
+            ticket = await self._tickets.get(ticket["id"]) or ticket
         return ticket
 
     async def _open_ticket_of(self, session_id: str) -> Ticket | None:
-        for ticket_id in reversed(await self._sessions.session_ticket_ids(session_id)):
-            ticket = await self._ticket(ticket_id)
+        for ticket_id in reversed(await self._tickets.session_ticket_ids(session_id)):
+            ticket = await self._tickets.get(ticket_id)
             if ticket is not None and ticket.get("status") == "open":
                 return ticket
         return None
-
-    async def _ticket(self, ticket_id: str) -> Ticket | None:
-        return cast("Ticket | None", await self._sessions.ticket(ticket_id))
-
-    async def _transcript(self, session_id: str) -> list[Message]:
-        return cast(list[Message], await self._sessions.transcript(session_id))
-
-    async def _save(self, ticket: Ticket) -> None:
-        await self._sessions.save_ticket(cast("dict[str, Any]", ticket))

@@ -17,8 +17,8 @@ from server.json_codec import MalformedPayload
 from server.realtime.emitter import Emitter
 from server.realtime.server import ack_requested, after_ack
 from server.schemas import Schemas, load
+from server.storage.bundle import Storage
 from server.storage.errors import STORAGE_DOWN, StorageError
-from server.storage.sessions import SessionManager
 from server.web.rate_limits import RateLimits
 
 HISTORY_ON_JOIN = 50
@@ -85,7 +85,7 @@ class CustomerEvents:
         emitter: Emitter,
         schemas: Schemas,
         *,
-        sessions: SessionManager,
+        storage: Storage,
         chat: ChatService,
         tickets: TicketDesk,
         limits: RateLimits,
@@ -94,7 +94,7 @@ class CustomerEvents:
         self.sio = sio
         self.emitter = emitter
         self.schemas = schemas
-        self.sessions = sessions
+        self.storage = storage
         self.chat = chat
         self.tickets = tickets
         self.limits = limits
@@ -157,13 +157,13 @@ class CustomerEvents:
     async def join_chat(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.join_chat, payload)
         if "sessionId" in data:
-            session = await self.sessions.authenticate(data["sessionId"], data["token"])
+            session = await self.storage.sessions.authenticate(data["sessionId"], data["token"])
             await self.limits.check_event(session.id)
             token = await self.chat.rejoined(session.id, data["token"])
         else:
             ip = (await self.sio.get_session(sid)).get("ip", "unknown")
             await self.limits.check_session_creation(ip)
-            session, token = await self.sessions.create(data["userId"], data["metadata"], client_ip=ip)
+            session, token = await self.storage.sessions.create(data["userId"], data["metadata"], client_ip=ip)
         await self.emitter.join_session(sid, session.id)
         async with self.sio.session(sid) as socket_session:
             socket_session.setdefault("sessions", set()).add(session.id)
@@ -240,5 +240,5 @@ class CustomerEvents:
     async def feedback(self, sid: str, payload: Any) -> dict[str, Any]:
         data = load(self.schemas.feedback, payload)
         await self._event_allowed(sid, data["sessionId"])
-        await self.sessions.record_feedback(data["sessionId"], data["messageId"], data["rating"], data["comment"])
+        await self.storage.analytics.record_feedback(data["sessionId"], data["messageId"], data["rating"], data["comment"])
         return {}

@@ -275,11 +275,6 @@ class MessageStore:
             pipe.zrem(keys.REPLY_LEASES, session_id)
             await pipe.execute()
 
-    async def lease_alive(self, session_id: str) -> bool:
-        """Whether the reply being written for this session still has a live owner."""
-        expiry = await self.redis.zscore(keys.REPLY_LEASES, session_id)
-        return expiry is not None and expiry > time.time() * 1000
-
     async def take_expired_leases(
         self, owner: str, seconds: float, limit: int = 20, grace: float = 0.0
     ) -> list[tuple[str, dict[str, Any]]]:

@@ -116,10 +116,6 @@ class SessionStore:
             await pipe.execute()
         return expires_at
 
-    async def set_state(self, session_id: str, state: str) -> None:
-        """Record where the conversation stands (active, escalated, ...)."""
-        await self.redis.hset(keys.session(session_id), "state", state)
-
     async def set_fields(self, session_id: str, **fields: str) -> None:
         """Small facts about the conversation (summary, contact, resolution)."""
         mapping: dict[Any, Any] = fields  # redis-py's key type is invariant: any text goes
@@ -265,23 +261,3 @@ def _to_session(session_id: str, raw: dict[bytes, bytes]) -> Session:
         metadata=json.loads(raw.get(b"metadata", b"{}")),
         client_ip=raw[b"clientIp"].decode() if b"clientIp" in raw else None,
     )
-
-
-# Temporary re-exports while callers move from the SessionManager facade to the stores (see facade.py).
-from server.storage.errors import STORAGE_DOWN as REDIS_DOWN  # noqa: E402
-from server.storage.facade import SessionManager  # noqa: E402
-from server.storage.messages import AppendResult, HistoryPage, ReplyLease  # noqa: E402
-from server.storage.tickets import TicketPage  # noqa: E402
-
-__all__ = [
-    "REDIS_DOWN",
-    "AppendResult",
-    "HistoryPage",
-    "ReplyLease",
-    "Session",
-    "SessionManager",
-    "SessionStore",
-    "TicketPage",
-    "new_id",
-    "now_iso",
-]

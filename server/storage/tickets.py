@@ -50,10 +50,6 @@ class TicketStore:
         raw = await self.redis.get(keys.ticket(ticket_id))
         return orjson.loads(raw) if raw else None
 
-    async def latest(self, limit: int = 100, *, status: str | None = None) -> list[Ticket]:
-        """Newest tickets first (of `status` when given: filtered before the limit is applied)."""
-        return (await self.page(limit=limit, status=status)).tickets
-
     async def page(
         self, *, limit: int = 100, status: str | None = None, cursor: str | None = None, scan_limit: int = 5000
     ) -> TicketPage:

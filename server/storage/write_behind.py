@@ -17,10 +17,6 @@ from server.storage.errors import STORAGE_DOWN, BufferFull, StorageError
 from server.storage.messages import AppendResult, MessageStore, ReplyLease
 from server.storage.spool import Spool
 
-REDIS_DOWN = STORAGE_DOWN  # TEMPORARY alias for callers that still import it from here (use errors.STORAGE_DOWN)
-
-__all__ = ["REDIS_DOWN", "WriteBehindStore"]
-
 RECENT_SESSIONS_KEPT = 5_000
 RECENT_MESSAGES_KEPT = 50
 POISON_ATTEMPTS = 5
