@@ -51,7 +51,7 @@ from server.handoff.directory import AgentDirectory
 from server.handoff.service import HandoffService
 from server.handoff.summary import ConversationSummarizer
 from server.json_codec import SocketIOCodec
-from server.ops.health import HealthService
+from server.ops.health import Gauges, HealthService
 from server.ops.logging import configure_logging
 from server.ops.metrics import Metrics
 from server.realtime.agents import AgentEvents
@@ -163,11 +163,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STORAGE] = storage
     chain = ProviderChain(
         build_providers(settings, knowledge),
-        failure_threshold=settings.provider_failure_threshold,
-        cooldown=settings.provider_cooldown,
-        request_timeout=settings.ai_request_timeout,
-        first_token_timeout=settings.ai_first_token_timeout,
-        idle_timeout=settings.ai_stream_idle_timeout,
+        settings.failover,
         record_attempt=metrics.record_attempt,
         on_first_token=metrics.first_token,
     )
@@ -241,6 +237,7 @@ def create_app(settings: Settings) -> web.Application:
         connections_per_minute=settings.rate_limit_connections_per_minute,
         trusted_proxies=settings.trusted_proxies,
         events_per_minute=settings.rate_limit_events_per_minute,
+        pending_per_client=settings.max_pending_per_client,
     )
     app[RATE_LIMITS] = limits
     sio.eio.guard = connection_guard(limits, lambda reason: metrics.transport_refusals.labels(reason).inc())
@@ -252,7 +249,6 @@ def create_app(settings: Settings) -> web.Application:
         chat=chat,
         tickets=handoff.tickets,
         limits=limits,
-        max_pending_per_client=settings.max_pending_per_client,
     )
     customers.register()
     directory = AgentDirectory(settings.agent_api_keys)
@@ -266,16 +262,19 @@ def create_app(settings: Settings) -> web.Application:
     app[CHAIN] = chain
     app[CHAT_SERVICE] = chat
     app[CUSTOMER_EVENTS] = customers
-    app[HEALTH] = HealthService(
-        storage=storage,
-        redis_mode=settings.redis_mode,
-        chain=chain,
+    gauges = Gauges(
         connected_clients=lambda: customers.connected,
-        instance_id=instance_id,
+        engine_connections=lambda: sio.engine_connections,
         pubsub_healthy=(lambda: redis_manager.healthy) if redis_manager is not None else None,
+    )
+    app[HEALTH] = HealthService(
+        storage,
+        chain,
+        gauges,
+        instance_id=instance_id,
+        redis_mode=settings.redis_mode,
         token_budget_per_day=settings.token_budget_per_day,
         write_behind=store,
-        engine_connections=lambda: sio.engine_connections,
     )
 
     add_routes(app)

@@ -85,6 +85,17 @@ class HandoffSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverSettings:
+    """When the provider chain gives up on a provider: its breaker, and how long an answer may keep us waiting."""
+
+    failure_threshold: int = 3  # failures in a row that open a provider's circuit (PROVIDER_FAILURE_THRESHOLD)
+    cooldown: float = 30.0  # seconds an open circuit skips the provider (PROVIDER_COOLDOWN)
+    request_timeout: float = 30.0  # seconds for a whole provider call (AI_REQUEST_TIMEOUT)
+    first_token_timeout: float = 10.0  # seconds to the first token before failing over (AI_FIRST_TOKEN_TIMEOUT)
+    idle_timeout: float = 15.0  # seconds of silence mid-answer before it is cut (AI_STREAM_IDLE_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of the server; defaults are the contract's."""
 
@@ -189,6 +200,17 @@ class Settings:
             log_content=self.log_message_content,
             token_rotate_after=self.token_rotate_after,
             streaming=self.streaming,
+        )
+
+    @property
+    def failover(self) -> FailoverSettings:
+        """The provider chain's breakers and watchdog."""
+        return FailoverSettings(
+            failure_threshold=self.provider_failure_threshold,
+            cooldown=self.provider_cooldown,
+            request_timeout=self.ai_request_timeout,
+            first_token_timeout=self.ai_first_token_timeout,
+            idle_timeout=self.ai_stream_idle_timeout,
         )
 
     @property

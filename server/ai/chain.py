@@ -12,6 +12,7 @@ from loguru import logger
 
 from server.ai.breaker import CircuitBreaker, claim_panic_probe
 from server.ai.providers.base import AIProvider, ProviderError, ProviderRequest, TextDelta
+from server.settings import FailoverSettings
 
 
 @dataclass(slots=True)  # not frozen: one is made per token
@@ -132,20 +133,16 @@ class ProviderChain:
     def __init__(
         self,
         providers: Sequence[AIProvider],
+        settings: FailoverSettings,
         *,
-        failure_threshold: int,
-        cooldown: float,
-        request_timeout: float,
-        first_token_timeout: float,
-        idle_timeout: float,
         record_attempt: AttemptRecorder | None = None,
         on_first_token: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.providers = list(providers)
-        self.breakers = {p.name: CircuitBreaker(failure_threshold, cooldown, clock) for p in self.providers}
-        self._first_token_timeout = min(first_token_timeout, request_timeout)
-        self._idle_timeout = idle_timeout
+        self.breakers = {p.name: CircuitBreaker(settings.failure_threshold, settings.cooldown, clock) for p in self.providers}
+        self._first_token_timeout = min(settings.first_token_timeout, settings.request_timeout)
+        self._idle_timeout = settings.idle_timeout
         self._record_attempt = record_attempt
         self._on_first_token = on_first_token
         # Set by the token budgets: while it says so, background (passive) calls make no paid call either.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from server import __version__
@@ -12,35 +13,42 @@ from server.storage.bundle import Storage
 from server.storage.errors import STORAGE_FAILED
 from server.storage.write_behind import WriteBehindStore
 
+PRUNE_EVERY_SECONDS = 60.0  # at most one write (pruning expired sessions) a minute for an anonymous endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    """Live readings of the edges that health reports (read at each request, never cached)."""
+
+    connected_clients: Callable[[], int]
+    engine_connections: Callable[[], int] | None = None
+    pubsub_healthy: Callable[[], bool] | None = None  # None: one process, no pub/sub to watch
+
 
 class HealthService:
     """Builds the contract's health object from the live parts."""
 
     def __init__(
         self,
-        *,
         storage: Storage,
-        redis_mode: str,
         chain: ProviderChain,
-        connected_clients: Callable[[], int],
+        gauges: Gauges,
+        *,
         instance_id: str,
-        pubsub_healthy: Callable[[], bool] | None = None,
+        redis_mode: str,
         token_budget_per_day: int = 0,
         write_behind: WriteBehindStore | None = None,
-        engine_connections: Callable[[], int] | None = None,
-        prune_every: float = 60.0,
     ) -> None:
         self._storage = storage
         self._redis_mode = redis_mode
         self._chain = chain
-        self._connected_clients = connected_clients
+        self._connected_clients = gauges.connected_clients
         self._instance_id = instance_id
-        self._pubsub_healthy = pubsub_healthy
+        self._pubsub_healthy = gauges.pubsub_healthy
         self._token_budget_per_day = token_budget_per_day
         self._write_behind = write_behind
-        self._engine_connections = engine_connections
+        self._engine_connections = gauges.engine_connections
         self._started = time.monotonic()
-        self._prune_every = prune_every
         self._pruned_at: float | None = None
 
     async def ready(self) -> dict[str, Any]:
@@ -106,12 +114,12 @@ class HealthService:
         }
 
     async def _active_sessions(self) -> int:
-        """Active sessions by a read (ZCOUNT); expired entries are pruned (a write) at most every `prune_every` s.
+        """Active sessions by a read (ZCOUNT); expired entries are pruned (a write) at most once a minute.
 
         Health is public, so an anonymous GET must not cost a Redis write each time.
         """
         now = time.monotonic()
-        if self._pruned_at is None or now - self._pruned_at >= self._prune_every:
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_SECONDS:
             self._pruned_at = now
             return await self._storage.analytics.active_sessions()
         return await self._storage.analytics.count_active_sessions()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -89,7 +88,6 @@ class CustomerEvents:
         chat: ChatService,
         tickets: TicketDesk,
         limits: RateLimits,
-        max_pending_per_client: int = 0,
     ) -> None:
         self.sio = sio
         self.emitter = emitter
@@ -99,9 +97,7 @@ class CustomerEvents:
         self.tickets = tickets
         self.limits = limits
         self.connected = 0
-        self.max_pending_per_client = max_pending_per_client  # messages not yet stored, per client IP (0: no limit)
         self._socket_ips: dict[str, str] = {}  # connected socket -> client IP (read without awaiting)
-        self._pending = Counter[str]()  # client IP -> its messages waiting to be stored, in this process
 
     def register(self) -> None:
         """Attach every handler to the server."""
@@ -192,17 +188,9 @@ class CustomerEvents:
             await self._joined(sid, session_id)
             await self.limits.check_message(session_id)
 
-        ip = self._socket_ips.get(sid, "unknown")
-        if 0 < self.max_pending_per_client <= self._pending[ip]:
-            raise ApiError(
-                "rate_limited",
-                "Too many of your messages are waiting; wait for the replies, then send again.",
-                retry_after=2,
-            )
         # Nothing is awaited before submit takes the message's place in the session's queue: a socket's events
         # run as separate tasks, so arrival order is kept only if the place is taken on arrival.
-        self._pending[ip] += 1
-        try:
+        with self.limits.waiting_message(self._socket_ips.get(sid, "unknown")):
             stored, _ = await self.chat.submit(
                 session_id,
                 data["message"],
@@ -210,10 +198,6 @@ class CustomerEvents:
                 admit=admit,
                 receivable=self._listened(sid, session_id),
             )
-        finally:
-            self._pending[ip] -= 1
-            if self._pending[ip] <= 0:
-                del self._pending[ip]
         return {"messageId": stored["id"]}
 
     async def escalate(self, sid: str, payload: Any) -> dict[str, Any]:

@@ -74,7 +74,6 @@ class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):
         self._probe_id = uuid.uuid4().hex.encode()
         self.last_probe_seen = float("-inf")  # not healthy until our own probe has come back once
         self._first_probe = asyncio.Event()
-        self.reconnects = 0
         self._probe_task: asyncio.Task[None] | None = None
 
     @property
@@ -111,7 +110,6 @@ class GuardedRedisManager(AsyncRedisManager, DirectEmitManager):
                 continue
             if not self.healthy and self.pubsub is not None:
                 logger.warning("socket.io pub/sub probe missing: reconnecting the listener")
-                self.reconnects += 1
                 with contextlib.suppress(Exception):
                     await self.pubsub.aclose()
                 self.connected = False

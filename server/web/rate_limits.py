@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections import Counter
+from collections.abc import Iterator
 
 from server.errors import ApiError
 from server.storage.errors import STORAGE_DOWN
@@ -21,13 +24,33 @@ class RateLimits:
         connections_per_minute: int,
         trusted_proxies: tuple[str, ...],
         events_per_minute: int = 0,
+        pending_per_client: int = 0,
     ) -> None:
         self._counters = counters
+        self.pending_per_client = pending_per_client  # messages not yet stored, per client IP (0: no limit)
+        self._pending = Counter[str]()  # client IP -> its messages waiting to be stored, in this process
         self.sessions_per_minute = sessions_per_minute
         self.messages_per_minute = messages_per_minute
         self.connections_per_minute = connections_per_minute
         self.events_per_minute = events_per_minute
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+
+    @contextlib.contextmanager
+    def waiting_message(self, ip: str) -> Iterator[None]:
+        """Count a socket message until it is stored; refused while its client has too many waiting (one process)."""
+        if 0 < self.pending_per_client <= self._pending[ip]:
+            raise ApiError(
+                "rate_limited",
+                "Too many of your messages are waiting; wait for the replies, then send again.",
+                retry_after=2,
+            )
+        self._pending[ip] += 1
+        try:
+            yield
+        finally:
+            self._pending[ip] -= 1
+            if self._pending[ip] <= 0:
+                del self._pending[ip]
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
         """The peer address, or the first untrusted hop of X-Forwarded-For when the peer is a trusted proxy."""

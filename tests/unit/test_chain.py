@@ -13,6 +13,7 @@ import pytest
 
 from server.ai.chain import ChainDelta, ChainDone, ChainEvent, ChainFailed, ChainInterrupted, ProviderChain
 from server.ai.providers.base import AIProvider, Finished, ProviderError, ProviderRequest, StreamEvent, TextDelta
+from server.settings import FailoverSettings
 from tests.fakes import FakeClock
 
 REQUEST = ProviderRequest(system_prompt="Be brief.", history=(), message="Where is my order?")
@@ -75,11 +76,13 @@ def chain(
     """A chain over `providers` with the given breaker and watchdog settings."""
     return ProviderChain(
         providers,
-        failure_threshold=threshold,
-        cooldown=cooldown,
-        request_timeout=30.0,
-        first_token_timeout=first_token,
-        idle_timeout=idle,
+        FailoverSettings(
+            failure_threshold=threshold,
+            cooldown=cooldown,
+            request_timeout=30.0,
+            first_token_timeout=first_token,
+            idle_timeout=idle,
+        ),
         clock=clock or FakeClock(),
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -54,16 +54,6 @@ class ProviderError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class ProviderInfo:
-    """What health may show about a provider: never its key."""
-
-    name: str
-    configured: bool
-    model: str
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class AIProvider(ABC):

@@ -29,7 +29,6 @@ class OpenAIProvider(AIProvider):
 
     def __init__(self, api_key: str | None, model: str, base_url: str | None, timeout: float) -> None:
         self.model = model
-        self._api_key = api_key
         self._client = (
             openai.AsyncOpenAI(
                 api_key=api_key,
