@@ -1,6 +1,6 @@
 """A provider test double: OpenAI Chat Completions and Gemini generateContent over real HTTP.
 
-The real SDKs talk to it; tests steer it with `set_mode`. Run it standalone for benchmarks:
+The real SDKs and the direct transport talk to it; tests steer it with `set_mode`. Run it standalone for benchmarks:
 `python -m devtools.provider_double --port 9001` (steer with POST /_control/mode).
 """
 
@@ -34,10 +34,14 @@ class Mode:
 class ProviderDouble:
     """Fake OpenAI + Gemini HTTP endpoint that tests steer."""
 
-    def __init__(self) -> None:
+    def __init__(self, keepalive_timeout: float = 75.0) -> None:
         self.modes: dict[str, Mode] = {p: Mode() for p in PROVIDERS}
         self.requests: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.closed_early: dict[str, int] = defaultdict(int)
+        # Requests refused by closing their (reused) connection unanswered, as a server closing an idle one does.
+        self.dropped: dict[str, int] = defaultdict(int)
+        self._keepalive_timeout = keepalive_timeout  # seconds before the server closes an idle keep-alive connection
+        self._served: set[Any] = set()  # the client addresses of connections that have carried a request
         self._closed_events: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -53,7 +57,9 @@ class ProviderDouble:
     # Lifecycle --------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on loopback (port 0 picks a free one)."""
-        self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            self.app, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=self._keepalive_timeout
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -88,6 +94,7 @@ class ProviderDouble:
         self.modes = {p: Mode() for p in PROVIDERS}
         self.requests.clear()
         self.closed_early.clear()
+        self.dropped.clear()
 
     async def wait_closed_early(self, provider: str, timeout: float = 5) -> bool:
         """Whether a client closed one of this provider's streams before its end."""
@@ -119,6 +126,21 @@ class ProviderDouble:
             return -3.0
         return float(mode.options.get("logprob", -0.05))
 
+    def _drop_reused(self, request: web.Request, provider: str) -> bool:
+        """With `drop_reused`, a request on a connection that carried one before is dropped unanswered.
+
+        That is what a client sees when a server closes an idle keep-alive connection just as a request is sent
+        on it: the request never reached the application, and the connection is gone.
+        """
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        reused = peer in self._served
+        self._served.add(peer)
+        if not (reused and self.modes[provider].options.get("drop_reused")):
+            return False
+        self.dropped[provider] += 1
+        request.transport.close()  # type: ignore[union-attr]
+        return True
+
     async def _before_answer(self, request: web.Request, provider: str, mode: Mode) -> web.StreamResponse | None:
         """Faults that happen before any answer: status errors, hangs, dropped connections."""
         if mode.options.get("delay"):
@@ -149,9 +171,14 @@ class ProviderDouble:
         raise ConnectionResetError("double stopping")
 
     def _record(self, provider: str, request: web.Request, body: Any, stream: bool) -> None:
-        self.requests[provider].append({"path": request.path, "body": body, "headers": dict(request.headers), "stream": stream})
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        self.requests[provider].append(
+            {"path": request.path, "body": body, "headers": dict(request.headers), "stream": stream, "peer": peer}
+        )
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
+        if self._drop_reused(request, "openai"):
+            raise ConnectionResetError("dropped a reused connection")
         try:
             body = await request.json()
         except ValueError:
@@ -242,6 +269,8 @@ class ProviderDouble:
         return await self._stream("openai", request, mode, events, tail)
 
     async def _gemini(self, request: web.Request) -> web.StreamResponse:
+        if self._drop_reused(request, "gemini"):
+            raise ConnectionResetError("dropped a reused connection")
         try:
             body = await request.json()
         except ValueError:
@@ -298,14 +327,22 @@ class ProviderDouble:
     async def _stream(
         self, provider: str, request: web.Request, mode: Mode, events: list[bytes], tail: list[bytes]
     ) -> web.StreamResponse:
-        """Write an SSE body, applying the cut/stall/no_finish/slow behaviours."""
+        """Write an SSE body, applying the cut/stall/no_finish/slow/gzip/split behaviours."""
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        if mode.options.get("gzip"):  # a proxy in front of the provider compressing the event stream
-            headers["Content-Encoding"] = "gzip"
-            body = gzip.compress(b"".join(events + tail))
+        split = int(mode.options.get("split", 0))
+        if mode.options.get("gzip") or split:
+            # gzip: a proxy in front of the provider compressing the event stream. split: the body in pieces of
+            # that many bytes, each its own write and read (frames, CRLFs and characters cut anywhere).
+            body = b"".join(events + tail)
+            if mode.options.get("gzip"):
+                headers["Content-Encoding"] = "gzip"
+                body = gzip.compress(body)
             response = web.StreamResponse(headers=headers)
             await response.prepare(request)
-            await response.write(body)
+            for start in range(0, len(body), split or len(body) or 1):
+                await response.write(body[start : start + split] if split else body)
+                if split:
+                    await asyncio.sleep(float(mode.options.get("split_delay", 0.002)))
             await response.write_eof()
             return response
         response = web.StreamResponse(headers=headers)

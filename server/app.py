@@ -15,11 +15,12 @@ from aiohttp.typedefs import Middleware
 from loguru import logger
 
 from server.ai.chain import ProviderChain
+from server.ai.http import ProviderHTTP
 from server.ai.knowledge import KnowledgeBase
 from server.ai.providers.base import AIProvider
-from server.ai.providers.gemini_provider import GeminiProvider
+from server.ai.providers.gemini_direct import GeminiDirectProvider
 from server.ai.providers.local import LocalProvider
-from server.ai.providers.openai_provider import OpenAIProvider
+from server.ai.providers.openai_direct import OpenAIDirectProvider
 from server.app_keys import (
     AGENT_DIRECTORY,
     AGENT_EVENTS,
@@ -71,7 +72,6 @@ from server.web.middleware import (
     body_read_timeout_middleware,
     cors_middleware,
     errors_middleware,
-    no_ws_compression_middleware,
     websocket_registry_middleware,
 )
 from server.web.openapi import build_openapi
@@ -80,17 +80,30 @@ from server.web.rate_limits import RateLimits
 from server.web.routes import add_routes
 
 
-def build_providers(settings: Settings, knowledge: KnowledgeBase) -> list[AIProvider]:
-    """The providers named in AI_PROVIDERS, in that order."""
-    factories = {
-        "openai": lambda: OpenAIProvider(
-            settings.openai_api_key.reveal(), settings.openai_model, settings.openai_base_url, settings.ai_request_timeout
-        ),
-        "gemini": lambda: GeminiProvider(
-            settings.gemini_api_key.reveal(), settings.gemini_model, settings.gemini_base_url, settings.ai_request_timeout
-        ),
-        "local": lambda: LocalProvider(knowledge),
-    }
+def build_providers(settings: Settings, knowledge: KnowledgeBase, http: ProviderHTTP | None = None) -> list[AIProvider]:
+    """The providers named in AI_PROVIDERS, in that order, each on its transport (OPENAI_CLIENT, GEMINI_CLIENT)."""
+    pool = http or ProviderHTTP()
+    for setting, value in (("OPENAI_CLIENT", settings.openai_client), ("GEMINI_CLIENT", settings.gemini_client)):
+        if value not in ("direct", "sdk"):
+            raise ValueError(f"Unknown transport {value!r} in {setting} (use direct or sdk).")
+
+    def openai_provider() -> AIProvider:
+        args = (settings.openai_api_key.reveal(), settings.openai_model, settings.openai_base_url, settings.ai_request_timeout)
+        if settings.openai_client == "direct":
+            return OpenAIDirectProvider(pool, *args)
+        from server.ai.providers.openai_provider import OpenAIProvider  # the SDK is imported only when chosen
+
+        return OpenAIProvider(*args)
+
+    def gemini_provider() -> AIProvider:
+        args = (settings.gemini_api_key.reveal(), settings.gemini_model, settings.gemini_base_url, settings.ai_request_timeout)
+        if settings.gemini_client == "direct":
+            return GeminiDirectProvider(pool, *args)
+        from server.ai.providers.gemini_provider import GeminiProvider  # the SDK is imported only when chosen
+
+        return GeminiProvider(*args)
+
+    factories = {"openai": openai_provider, "gemini": gemini_provider, "local": lambda: LocalProvider(knowledge)}
     providers: list[AIProvider] = []
     for name in settings.ai_providers:
         if name not in factories:
@@ -110,8 +123,6 @@ def create_app(settings: Settings) -> web.Application:
         cors_middleware(settings.cors_origins),
         body_read_timeout_middleware(settings.request_read_timeout),
     ]
-    if not settings.ws_compression:
-        middlewares.insert(0, no_ws_compression_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[OPEN_WEBSOCKETS] = open_websockets
@@ -142,6 +153,7 @@ def create_app(settings: Settings) -> web.Application:
         cors_allowed_origins=list(settings.cors_origins) or None,
         max_http_buffer_size=max(settings.socket_max_packet_bytes, settings.max_message_length * 4 + 4096),
         connect_timeout=settings.socket_connect_timeout,
+        ws_compression=settings.ws_compression,  # refused where each WebSocket is made (realtime/engine_socket.py)
         json=SocketIOCodec,
         logger=False,
         engineio_logger=False,
@@ -161,8 +173,9 @@ def create_app(settings: Settings) -> web.Application:
         token_reuse_grace=settings.token_reuse_grace,
     )
     app[STORAGE] = storage
+    provider_http = ProviderHTTP()  # the direct providers' keep-alive pool, opened and closed with the app
     chain = ProviderChain(
-        build_providers(settings, knowledge),
+        build_providers(settings, knowledge, provider_http),
         settings.failover,
         record_attempt=metrics.record_attempt,
         on_first_token=metrics.first_token,
@@ -279,6 +292,7 @@ def create_app(settings: Settings) -> web.Application:
 
     add_routes(app)
     setup_pages(app)
+    app.cleanup_ctx.append(provider_http.lifecycle)  # before _lifecycle: opened first, closed after the providers
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_graceful_shutdown)
     return app
@@ -352,6 +366,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     manager = app[SIO].manager
     if isinstance(manager, GuardedRedisManager):
         await manager.aclose()
+    await app[STORAGE].aclose()  # the hot path's shared connection
     await app[REDIS].aclose()
     if embedded is not None:
         await embedded.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class ChatSettings:
     log_content: bool = True  # prompts in debug logs (LOG_MESSAGE_CONTENT)
     token_rotate_after: float | None = None  # idle seconds after which a rejoin hands out a new token
     lease_seconds: float = 5.0  # how long a reply's owner may go silent before another process finishes it
+    messages_per_minute: int = 0  # per session, counted as each message is stored (RATE_LIMIT_MESSAGES_PER_MINUTE)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
 
 
@@ -107,6 +109,8 @@ class Settings:
     gemini_api_key: Secret = field(default_factory=lambda: Secret(None))
     gemini_model: str = "gemini-2.5-flash"
     gemini_base_url: str | None = None
+    openai_client: str = "direct"  # the OpenAI provider's transport: `direct` (HTTP spoken here) or `sdk` (OPENAI_CLIENT)
+    gemini_client: str = "direct"  # the Gemini provider's transport: `direct` or `sdk` (GEMINI_CLIENT)
     ai_providers: tuple[str, ...] = ("openai", "gemini", "local")
     ai_request_timeout: float = 30.0
     ai_first_token_timeout: float = 10.0
@@ -150,6 +154,9 @@ class Settings:
     agent_idle_timeout: float = 300.0
     shutdown_grace: float = 20.0
     socketio_manager: str = "auto"
+    workers: int = 1  # server processes on one port (WORKERS=auto|N); above 1, a supervisor runs them
+    # Set in the workers only (never from the environment): redis_url is the embedded Redis their supervisor started.
+    redis_embedded_shared: bool = False
     rate_limit_sessions_per_minute: int = 300
     rate_limit_messages_per_minute: int = 600
     rate_limit_connections_per_minute: int = 1000
@@ -199,6 +206,7 @@ class Settings:
             cross_process_order=self.scaled_out,
             log_content=self.log_message_content,
             token_rotate_after=self.token_rotate_after,
+            messages_per_minute=self.rate_limit_messages_per_minute,
             streaming=self.streaming,
         )
 
@@ -223,7 +231,7 @@ class Settings:
     @property
     def redis_mode(self) -> str:
         """`external` when an operator pointed us at a Redis, else `embedded`."""
-        return "external" if self.redis_url else "embedded"
+        return "external" if self.redis_url and not self.redis_embedded_shared else "embedded"
 
     @classmethod
     def from_env(cls, env_file: str | Path | None = ".env") -> Settings:
@@ -246,6 +254,8 @@ class Settings:
             gemini_api_key=Secret(env.str("GEMINI_API_KEY", None)),
             gemini_model=env.str("GEMINI_MODEL", defaults.gemini_model),
             gemini_base_url=env.str("GEMINI_BASE_URL", None) or None,
+            openai_client=env.str("OPENAI_CLIENT", defaults.openai_client).strip().lower(),
+            gemini_client=env.str("GEMINI_CLIENT", defaults.gemini_client).strip().lower(),
             ai_providers=providers,
             ai_request_timeout=env.float("AI_REQUEST_TIMEOUT", defaults.ai_request_timeout),
             ai_first_token_timeout=env.float("AI_FIRST_TOKEN_TIMEOUT", defaults.ai_first_token_timeout),
@@ -288,6 +298,7 @@ class Settings:
             agent_idle_timeout=env.float("AGENT_IDLE_TIMEOUT", defaults.agent_idle_timeout),
             shutdown_grace=env.float("SHUTDOWN_GRACE", defaults.shutdown_grace),
             socketio_manager=env.str("SOCKETIO_MANAGER", defaults.socketio_manager).lower(),
+            workers=parse_workers(env.str("WORKERS", str(defaults.workers))),
             rate_limit_sessions_per_minute=env.int("RATE_LIMIT_SESSIONS_PER_MINUTE", defaults.rate_limit_sessions_per_minute),
             rate_limit_messages_per_minute=env.int("RATE_LIMIT_MESSAGES_PER_MINUTE", defaults.rate_limit_messages_per_minute),
             rate_limit_connections_per_minute=env.int(
@@ -311,6 +322,30 @@ class Settings:
             write_behind_capacity=env.int("WRITE_BEHIND_CAPACITY", defaults.write_behind_capacity),
             metrics_token=Secret(env.str("METRICS_TOKEN", None)),
         )
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def parse_workers(raw: str) -> int:
+    """WORKERS: `auto` is one process per available CPU, else a whole number from 1 up (empty: 1)."""
+    value = raw.strip().lower()
+    if not value:
+        return 1
+    if value == "auto":
+        return available_cpus()
+    try:
+        workers = int(value)
+    except ValueError:
+        raise ValueError(f"WORKERS must be `auto` or a whole number, not {raw!r}") from None
+    if workers < 1:
+        raise ValueError(f"WORKERS must be at least 1, not {workers}")
+    return workers
 
 
 def parse_agent_keys(raw: str) -> tuple[tuple[str, Secret], ...]:

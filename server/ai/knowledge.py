@@ -129,19 +129,38 @@ class KnowledgeBase:
     """Ranked search over the shipped knowledge base."""
 
     def __init__(self, entries: Sequence[KnowledgeEntry], keywords: Sequence[str] = ()) -> None:
-        self._entries = tuple(entries)
-        extra = [*keywords, *([""] * max(0, len(self._entries) - len(keywords)))]
         self._lock = threading.Lock()
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(f"CREATE VIRTUAL TABLE kb USING fts5(question, answer, keywords, tokenize = '{TOKENIZER}')")
+        self._db.execute("CREATE VIRTUAL TABLE kb_terms USING fts5vocab(kb, 'row')")
+        # The entries only change on `reload`, so the rows holding a word are looked up once (every user message
+        # searches the base for the prompt, and most words recur).
+        self._rows = functools.lru_cache(maxsize=8192)(self._matching_rows)
+        self.generation = 0  # bumped by every reload: what was derived from the entries is stale
+        self._entries: tuple[KnowledgeEntry, ...] = ()
+        self._heads: frozenset[str] = frozenset()
+        self._load(entries, keywords)
+
+    def reload(self, entries: Sequence[KnowledgeEntry], keywords: Sequence[str] = ()) -> None:
+        """Replace every entry (searches wait meanwhile); `generation` tells caches derived from the old ones."""
+        with self._lock:
+            self._db.execute("DELETE FROM kb")
+            self._load(entries, keywords)
+            self._rows.cache_clear()
+            self.generation += 1
+
+    def _load(self, entries: Sequence[KnowledgeEntry], keywords: Sequence[str]) -> None:
+        self._entries = tuple(entries)
+        extra = [*keywords, *([""] * max(0, len(self._entries) - len(keywords)))]
         self._db.executemany(
             "INSERT INTO kb(rowid, question, answer, keywords) VALUES (?, ?, ?, ?)",
             [(i, e.question, e.answer, f"{e.topic} {extra[i]}") for i, e in enumerate(self._entries)],
         )
         self._db.commit()
-        # The entries never change after loading, so the rows holding a word are looked up once (every user
-        # message searches the base for the prompt, and most words recur).
-        self._rows = functools.lru_cache(maxsize=8192)(self._matching_rows)
+        # The first two letters of every indexed (stemmed) term. The porter stemmer only rewrites a word's end: the
+        # stem of an ASCII word of five letters or more starts with the word's own first two (checked over 140,000
+        # words), so a word whose first two letters start no term matches no entry, and is known without a query.
+        self._heads = frozenset(term[:2] for (term,) in self._db.execute("SELECT term FROM kb_terms"))
 
     @classmethod
     def from_directory(cls, path: Path, *, store_name: str = "Northwind Goods") -> KnowledgeBase:
@@ -176,15 +195,40 @@ class KnowledgeBase:
 
     def search(self, query: str, limit: int = 3) -> list[KnowledgeMatch]:
         """The best entries for a free-text query, best first; never raises on odd input."""
-        words = terms(query if isinstance(query, str) else str(query))[:MAX_QUERY_TERMS]
+        return self.search_terms(terms(query if isinstance(query, str) else str(query))[:MAX_QUERY_TERMS], limit)
+
+    def search_terms(self, words: Sequence[str], limit: int = 3) -> list[KnowledgeMatch]:
+        """`search` for a query already split into its `terms` (at most MAX_QUERY_TERMS of them)."""
         if not words or not self._entries or limit < 1:
             return []
         try:
             with self._lock:
-                return self._search(words, limit)
+                return self._search(list(words), limit)
         except sqlite3.Error as err:  # defensive only: the engine sees nothing but quoted plain words
             logger.warning("knowledge base search failed: {}", err)
             return []
+
+    def known_terms(self, query: str) -> tuple[str, ...]:
+        """The query's words (as `search` takes them) that some entry holds, in order.
+
+        The others change a match's score but never which entries match nor their order (a word no entry holds
+        adds nothing to any entry's bm25, and scales every candidate's coverage alike), so the entries a prompt
+        shows for a query are those `search_terms` finds for these: the key a prompt's knowledge is cached under.
+        """
+        words = terms(query if isinstance(query, str) else str(query))[:MAX_QUERY_TERMS]
+        if not words or not self._entries:
+            return ()
+        heads = self._heads
+        try:
+            with self._lock:
+                return tuple(
+                    word
+                    for word in words
+                    if not (len(word) >= 5 and word.isascii() and word[:2] not in heads) and self._rows(_phrase(word))
+                )
+        except sqlite3.Error as err:  # as in search
+            logger.warning("knowledge base search failed: {}", err)
+            return ()
 
     def _search(self, words: list[str], limit: int) -> list[KnowledgeMatch]:
         rows_with = {word: self._rows(_phrase(word)) for word in words}

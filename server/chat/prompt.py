@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 from server.ai.knowledge import KnowledgeBase
@@ -10,10 +11,16 @@ _FALLBACK_TEMPLATE = (
     "You are the customer-support assistant of {store_name}. Your tone is {tone}. "
     "Answer briefly and offer a human when you cannot help.\n\n{knowledge}"
 )
+PROMPTS_KEPT = 2048  # system prompts remembered, by the knowledge base's words of the question
 
 
 class PromptBuilder:
-    """Fills the operator's template with the store's name, tone and retrieved knowledge."""
+    """Fills the operator's template with the store's name, tone and retrieved knowledge.
+
+    Questions come back in many spellings of a few words ("Where is my order?", "where's my order"): the prompt
+    is built once per question as the knowledge base sees it (its known words, `KnowledgeBase.known_terms`),
+    and kept in a bounded LRU that a knowledge base reload empties.
+    """
 
     def __init__(self, template_path: Path, knowledge: KnowledgeBase, *, store_name: str, tone: str, top_k: int) -> None:
         try:
@@ -23,10 +30,26 @@ class PromptBuilder:
         self._template = template.replace("{store_name}", store_name).replace("{tone}", tone)
         self._knowledge = knowledge
         self._top_k = top_k
+        self._prompts: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self._generation = knowledge.generation
 
     def system_prompt(self, message: str) -> str:
         """The prompt for one user message, with the best few knowledge entries clearly delimited."""
-        matches = self._knowledge.search(message, limit=self._top_k) if self._top_k > 0 else []
+        key = self._knowledge.known_terms(message) if self._top_k > 0 else ()
+        if self._generation != self._knowledge.generation:
+            self._prompts.clear()
+            self._generation = self._knowledge.generation
+        prompt = self._prompts.get(key)
+        if prompt is not None:
+            self._prompts.move_to_end(key)
+            return prompt
+        prompt = self._prompts[key] = self._build(key)
+        if len(self._prompts) > PROMPTS_KEPT:
+            self._prompts.popitem(last=False)
+        return prompt
+
+    def _build(self, words: tuple[str, ...]) -> str:
+        matches = self._knowledge.search_terms(words, limit=self._top_k) if words else []
         if matches:
             entries = "\n\n".join(f"[{i}] Q: {m.entry.question}\nA: {m.entry.answer}" for i, m in enumerate(matches, start=1))
             block = (

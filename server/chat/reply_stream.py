@@ -56,7 +56,14 @@ class ReplyStreams:
 
 
 class ReplyStream:
-    """Coalesces deltas (at most every `flush_ms`, or at `flush_chars`) so a fast model is not one event per token."""
+    """Coalesces deltas (at most every `flush_ms`, or at `flush_chars`) so a fast model is not one event per token.
+
+    An answer that is whole within its first flush window (the one its first delta opens, if that delta came
+    within `flush_ms` of the start) and under `flush_chars` sends nothing while it is written: no
+    `assistant-typing`, no `message-chunk`; its `message-received` alone carries it, as clients expect of any
+    message. Otherwise the room hears `assistant-typing` with the first chunk, or `flush_ms` after the start if
+    no delta came by then (a slow first token), then the chunks, then `assistant-typing` false.
+    """
 
     def __init__(
         self,
@@ -90,6 +97,10 @@ class ReplyStream:
         self._delta_gap = 0.0
         self._lock = asyncio.Lock()
         self.snapshot_saved = False
+        self._typing = False  # begun: the room is told the assistant is writing, unless the answer is quick
+        self._announced = False  # ... and it was
+        self._window: asyncio.TimerHandle | None = None  # from the start until the first delta (or `flush_ms`)
+        self._announcing: asyncio.Task[None] | None = None
 
     @property
     def written(self) -> InProgress | None:
@@ -115,6 +126,9 @@ class ReplyStream:
             self.text = ""
             self._pending_reset = True
         self.provider = provider
+        if self._window is not None:  # the first delta came in time: its own flush window decides from here
+            self._window.cancel()
+            self._window = None
         now = asyncio.get_running_loop().time()
         self._delta_gap, self._last_delta_at = now - self._last_delta_at, now
         self._pending += delta
@@ -152,11 +166,34 @@ class ReplyStream:
         except Exception as err:  # a failed emit must not become an orphan task error
             logger.warning("session {}: chunk flush failed: {}", self.session_id, type(err).__name__)
 
+    def _window_over(self) -> None:
+        self._window = None
+        self._announcing = asyncio.create_task(self._announce_in_time())
+
+    async def _announce_in_time(self) -> None:
+        """No delta within `flush_ms` of the start: tell the room the assistant is writing."""
+        try:
+            async with self._lock:
+                await self._announce()
+        except Exception as err:  # as a failed chunk flush: logged, the reply carries on
+            logger.warning("session {}: typing event failed: {}", self.session_id, type(err).__name__)
+
+    async def _announce(self) -> None:
+        """`assistant-typing` true, once, before the first chunk (under the lock)."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        if self._typing and not self._announced:
+            self._announced = True
+            await self._emitter.assistant_typing(self.session_id, True)
+
     async def flush(self, *, final: bool = False) -> None:
         """Send what waits as one chunk; the snapshot first, so a rejoin never misses text it was not sent.
 
         The final flush skips the snapshot: the whole message is stored right after it, and a socket that
-        joins in between is already in the room when `message-received` goes out.
+        joins in between is already in the room when `message-received` goes out. Nor does it send the room
+        anything when the room has heard nothing of the reply yet (it came within its first flush window):
+        `message-received` will carry the whole answer (a direct listener still gets its chunk).
         """
         async with self._lock:
             if self._timer is not None:
@@ -184,7 +221,9 @@ class ReplyStream:
                     self.snapshot_saved = True
             except Exception as err:  # the snapshot only serves rejoins; the live chunk still goes out
                 logger.warning("session {}: could not save streamed text: {}", self.session_id, type(err).__name__)
-            await self._emitter.message_chunk(payload)
+            if not (final and self._typing and not self._announced):
+                await self._announce()
+                await self._emitter.message_chunk(payload)
             await self._notify("chunk", payload)
 
     async def interrupted(self, provider: str, reason: str) -> None:
@@ -209,20 +248,33 @@ class ReplyStream:
             self._listener = None
 
     async def begin(self) -> None:
-        """Tell the room the assistant is writing."""
-        await self._emitter.assistant_typing(self.session_id, True)
+        """The reply starts: the room hears `assistant-typing` only once it has to wait (see the class).
+
+        Without coalescing (`flush_ms` 0), and for a reply taken over from a process that died (its clients hold
+        that process's text, which the first chunk resets), at once.
+        """
+        self._typing = True
+        if self._flush_seconds == 0 or self._pending_reset:
+            await self._announce()
+        else:
+            self._window = asyncio.get_running_loop().call_later(self._flush_seconds, self._window_over)
 
     async def end(self) -> None:
-        """Send the tail, stop the timer, and tell the room the assistant stopped writing."""
+        """Send the tail, stop the timers, and tell the room the assistant stopped writing (if it was told it started)."""
         await self.close()
-        await self._emitter.assistant_typing(self.session_id, False)
+        if self._announced:
+            await self._emitter.assistant_typing(self.session_id, False)
 
     async def close(self) -> None:
-        """Send the tail and stop the timer (again: nothing more is sent)."""
+        """Send the tail and stop the timers (again: nothing more is sent)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._timed_flush is not None and not self._timed_flush.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timed_flush
+        for task in (self._timed_flush, self._announcing):
+            if task is not None and not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._window is not None:  # ended before any delta (stopped, failed): nothing to announce
+            self._window.cancel()
+            self._window = None
         await self.flush(final=True)

@@ -25,11 +25,12 @@ from server.chat.prompt import PromptBuilder
 from server.chat.reply_stream import ReplyListener, ReplyStream, ReplyStreams
 from server.chat.turns import Turn, TurnResult
 from server.contract import InProgress, Message, SessionState, new_id, new_message, now_iso
+from server.errors import ApiError
 from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
 from server.settings import ChatSettings
-from server.storage.errors import STORAGE_DOWN
-from server.storage.messages import MessageStore
+from server.storage.errors import STORAGE_DOWN, OverLimit
+from server.storage.messages import BudgetCharge, BudgetSettlement, BudgetVerdict, MessageStore
 from server.storage.write_behind import WriteBehindStore
 
 BUDGET_MESSAGE = (
@@ -51,6 +52,16 @@ class Outcome:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     tokens: int = 0
     attempts: tuple[tuple[str, bool], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a new message's answer needs before the message is stored: its system prompt, and the budget charge the
+    append makes for the paid call (None: no paid provider can answer, or the budgets could not be read)."""
+
+    system_prompt: str
+    paid: bool
+    charge: BudgetCharge | None
 
 
 @dataclass(slots=True)
@@ -91,20 +102,28 @@ class Responder:
             await self._process(session_id, turn)
 
     async def _process(self, session_id: str, turn: Turn) -> None:
-        """Store the message (its lease taken), then answer it, or hand it to the agent holding the session."""
+        """Store the message (rate limit, lease and budget charge in the same step), then answer it, or hand it to the
+        agent holding the session."""
         extra = {"clientMessageId": turn.client_message_id} if turn.client_message_id else {}
         user_message = new_message(session_id, "user", turn.text, **extra)
         reply_id = new_id()
+        prepared = await self._writer.prepare(session_id, turn.text)
         started = time.perf_counter()
         self._leases.hold(session_id)
         try:
-            appended = await self._store.append(
-                session_id,
-                user_message,
-                client_message_id=turn.client_message_id,
-                context_size=self._settings.max_history,
-                reply_id=reply_id,
-            )
+            try:
+                appended = await self._store.append(
+                    session_id,
+                    user_message,
+                    client_message_id=turn.client_message_id,
+                    context_size=self._settings.max_history,
+                    reply_id=reply_id,
+                    rate_limit=self._settings.messages_per_minute,
+                    budget=prepared.charge,
+                )
+            except OverLimit as err:
+                wait = err.retry_after
+                raise ApiError("rate_limited", f"Too many messages; try again in {wait:.0f} s.", retry_after=wait) from None
             stored = appended.message
             self._metrics.redis_latency.observe(time.perf_counter() - started)
             if turn.stored.done():  # its REST caller gave up while it waited: stored, answered for nobody but history
@@ -133,7 +152,16 @@ class Responder:
             if self._writer.over_budget(appended.session_tokens):
                 result = await self._finisher.budget_spent(session_id, stored)
             else:
-                result = await self._writer.answer(session_id, stored, appended.context, turn.listener, reply_id)
+                admission = self._writer.admission(session_id, prepared, appended.budget)
+                result = await self._writer.answer(
+                    session_id,
+                    stored,
+                    appended.context,
+                    turn.listener,
+                    reply_id,
+                    system_prompt=prepared.system_prompt,
+                    admission=admission,
+                )
         finally:
             self._leases.drop(session_id)
         if not turn.done.done():
@@ -203,6 +231,25 @@ class ReplyWriter:
         """
         return self._budgets.session_spent(session_tokens)
 
+    async def prepare(self, session_id: str, text: str) -> Prepared:
+        """Before a new message is stored: its system prompt, and the budget charge its append makes."""
+        system_prompt = self._prompts.system_prompt(text)
+        paid = self._paid()
+        charge = await self._budgets.charge_for(session_id, system_prompt, text) if paid else None
+        return Prepared(system_prompt, paid, charge)
+
+    def admission(self, session_id: str, prepared: Prepared, verdict: BudgetVerdict | None) -> Admission | None:
+        """What the append's charge allows (None: nothing was charged though a paid call may be made: `answer` does)."""
+        if not prepared.paid:
+            return Admission(local_only=False)
+        if prepared.charge is None or verdict is None:
+            return None
+        return self._budgets.admitted(session_id, prepared.charge, verdict)
+
+    def _paid(self) -> bool:
+        """Whether a paid provider can answer now (the knowledge base alone is never charged)."""
+        return any(name != LOCAL_PROVIDER for name in self._chain.usable_names)
+
     def writing(self, session_id: str) -> bool:
         """Whether this process is writing the session's reply."""
         return session_id in self._live
@@ -230,15 +277,23 @@ class ReplyWriter:
         reply_id: str,
         *,
         resume_at: int | None = None,
+        system_prompt: str | None = None,
+        admission: Admission | None = None,
     ) -> TurnResult:
-        """Answer one stored message; `resume_at`: a reply taken over from a dead process goes on from that chunk."""
+        """Answer one stored message; `resume_at`: a reply taken over from a dead process goes on from that chunk.
+
+        `admission`: what the message's append charged (see `prepare`); without it the budgets are charged here.
+        """
         started = time.perf_counter()
         text = user_message["content"]
         # The prompt within MAX_PROMPT_TOKENS; then paid providers only when every token budget has room for it.
-        fitted = self._budgets.fit(self._prompts.system_prompt(text), _turns(context), text)
+        if system_prompt is None:
+            system_prompt = self._prompts.system_prompt(text)
+        fitted = self._budgets.fit(system_prompt, _turns(context), text)
         request = fitted.request
-        paid = any(name != LOCAL_PROVIDER for name in self._chain.usable_names)
-        admission = await self._budgets.admit(session_id, fitted.tokens) if paid else Admission(local_only=False)
+        if admission is None:
+            paid = self._paid()
+            admission = await self._budgets.admit(session_id, fitted.tokens) if paid else Admission(local_only=False)
         if self._settings.log_content:
             logger.opt(lazy=True).debug(
                 "session {}: provider request: system={!r} history={!r} message={!r}",
@@ -284,8 +339,8 @@ class ReplyWriter:
             # Stopped or cut mid-answer: the provider billed the prompt and what it wrote, but reported no usage.
             # Charge an estimate, or stop-generation would refund every reservation (a budget bypass).
             outcome.tokens = fitted.tokens + estimate_tokens(stream.text)
-        await self._budgets.settle(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
-        return await self._finisher.finish(session_id, user_message, reply_id, outcome, started, stream)
+        settle = self._budgets.settlement(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
+        return await self._finisher.finish(session_id, user_message, reply_id, outcome, started, stream, settle=settle)
 
     async def _generate(self, session_id: str, request: ProviderRequest, stream: ReplyStream, admission: Admission) -> Outcome:
         """Run the chain in its own task so `stop-generation` can cancel exactly that."""
@@ -351,8 +406,10 @@ class Finisher:
         outcome: Outcome,
         started: float,
         stream: ReplyStream | None,
+        *,
+        settle: BudgetSettlement | None = None,
     ) -> TurnResult:
-        """Store the answer (or the failure note), tell the room, and escalate when the rules say so."""
+        """Store the answer (or the failure note) with its budget settlement, tell the room, escalate if the rules say so."""
         replies = _reply_messages(session_id, user_message["id"], reply_id, outcome)
         rules = self._escalations.rules
         escalation = rules.for_user_message(session_id, user_message["content"])
@@ -363,7 +420,7 @@ class Finisher:
             )
         elif not outcome.stopped:
             escalation = escalation or rules.for_reply(session_id, outcome.confidence)
-        await self._store.finish_reply(
+        used = await self._store.finish_reply(
             session_id,
             replies,
             streamed_id=reply_id if stream is not None and stream.snapshot_saved else None,
@@ -372,7 +429,10 @@ class Finisher:
             confidence=outcome.confidence,
             latency_ms=(time.perf_counter() - started) * 1000,
             tokens=outcome.tokens,
+            settle=settle,
         )
+        if used is not None:
+            self._metrics.tokens_today.set(used)
         self._metrics.messages_out.inc(len(replies))
         record = escalation.to_dict() if escalation is not None else None
         for message in replies[:-1]:
@@ -403,7 +463,7 @@ class Finisher:
         record = escalation.to_dict()
         await self._emitter.message_received(message, record)
         await self._escalations.announce(escalation)
-        self._metrics.budget_limited.labels("session").inc()
+        self._metrics.child(self._metrics.budget_limited, "session").inc()
         logger.info("session {}: token budget used up, escalated", session_id)
         return TurnResult(session_id, user_message, message, record)
 

@@ -21,7 +21,7 @@ from server.storage.messages import MessageStore
 from server.storage.write_behind import WriteBehindStore
 
 if TYPE_CHECKING:
-    from redis.asyncio.lock import Lock
+    from server.storage.messages import SessionLock
 
 LOCK_RENEW_SECONDS = 1.5
 
@@ -193,6 +193,8 @@ class TurnQueue:
                         await self._handle(session_id, turn)
                 except LockError:
                     _fail(turn, ApiError("unavailable", "The conversation is busy; please retry.", retry_after=2))
+                except ApiError as err:  # refused as it was stored (its rate limit): the sender is told why
+                    _fail(turn, err)
                 except asyncio.CancelledError:
                     _fail(turn, shutting_down())
                     raise
@@ -218,36 +220,59 @@ class TurnQueue:
         is skipped rather than turning the outage into an error.
         """
         cross_process = self._settings.cross_process_order and not self._store.depth
-        lock = self._messages.session_lock(session_id) if cross_process else None
+        lock = self._messages.session_lock(session_id, f"{self._owner}:{uuid.uuid4().hex}") if cross_process else None
         acquired = False
         if lock is not None:
             try:
-                acquired = bool(await lock.acquire(token=f"{self._owner}:{uuid.uuid4().hex}"))
+                acquired = await lock.acquire()
             except STORAGE_DOWN as err:
                 logger.warning("session {}: lock unavailable (redis unreachable: {})", session_id, type(err).__name__)
                 lock = None
             else:
                 if not acquired:
                     raise LockError("the session stayed locked")
-        keeper = asyncio.create_task(_keep_lock(lock)) if lock is not None else None
+        keeper = _LockKeeper(lock) if lock is not None else None
         try:
             yield
         finally:
             if keeper is not None:
-                keeper.cancel()
+                keeper.stop()
             if lock is not None and acquired:
                 with contextlib.suppress(LockError, *STORAGE_DOWN):
                     await lock.release()
 
 
-async def _keep_lock(lock: Lock, every: float = LOCK_RENEW_SECONDS) -> None:
-    """Renew the session lock while its message is handled (its TTL only matters if we crash)."""
-    while True:
-        await asyncio.sleep(every)
+class _LockKeeper:
+    """Renews a session lock every LOCK_RENEW_SECONDS while its message is handled (its TTL only matters if we crash).
+
+    A timer, and a task only when it is due: most turns end long before the first renewal.
+    """
+
+    def __init__(self, lock: SessionLock, every: float = LOCK_RENEW_SECONDS) -> None:
+        self._lock = lock
+        self._every = every
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(every, self._due)
+        self._renewing: asyncio.Task[None] | None = None
+
+    def _due(self) -> None:
+        self._timer = None
+        self._renewing = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
         try:
-            await lock.reacquire()
+            await self._lock.reacquire()
         except Exception as err:
             logger.warning("could not renew a session lock: {}", type(err).__name__)
+        self._timer = self._loop.call_later(self._every, self._due)
+
+    def stop(self) -> None:
+        """The message is handled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._renewing is not None and not self._renewing.done():
+            self._renewing.cancel()
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:

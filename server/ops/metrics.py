@@ -77,6 +77,7 @@ class Metrics:
         )
         self.prompt_trimmed = Counter("support_prompt_trimmed", "Prompts shortened to fit MAX_PROMPT_TOKENS", registry=r)
         self._provider_children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[int, str], Any] = {}
 
     def record_attempt(self, provider: str, failed: bool, seconds: float) -> None:
         """One provider attempt finished."""
@@ -101,6 +102,14 @@ class Metrics:
                 self.time_to_first_token.labels(provider),
             )
         return children
+
+    def child(self, metric: Any, label: str) -> Any:
+        """`metric.labels(label)`, looked up once (labels() takes a lock and builds a tuple each call)."""
+        key = (id(metric), label)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(label)
+        return found
 
     def render(self, refresh: Callable[[], None] | None = None) -> bytes:
         """The text exposition, after refreshing gauges computed at scrape time."""

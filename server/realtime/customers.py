@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,11 +119,13 @@ class CustomerEvents:
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         request = environ.get("aiohttp.request")
-        ip = self.limits.client_ip(getattr(request, "remote", None), environ.get("HTTP_X_FORWARDED_FOR"))
+        # One string per address, however many sockets come from it (each socket keeps it while it lives).
+        ip = sys.intern(self.limits.client_ip(getattr(request, "remote", None), environ.get("HTTP_X_FORWARDED_FOR")))
         # The per-IP connection limit is counted at the Engine.IO handshake (server/transport_guard.py).
         self.connected += 1
         self._socket_ips[sid] = ip
-        await self.sio.save_session(sid, {"sessions": set(), "ip": ip})
+        # The sessions a socket joined, as a tuple: almost always one or none (an empty set costs 216 bytes a socket).
+        await self.sio.save_session(sid, {"sessions": (), "ip": ip})
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         self.connected -= 1
@@ -162,7 +165,9 @@ class CustomerEvents:
             session, token = await self.storage.sessions.create(data["userId"], data["metadata"], client_ip=ip)
         await self.emitter.join_session(sid, session.id)
         async with self.sio.session(sid) as socket_session:
-            socket_session.setdefault("sessions", set()).add(session.id)
+            joined_here: tuple[str, ...] = socket_session.get("sessions", ())
+            if session.id not in joined_here:
+                socket_session["sessions"] = (*joined_here, session.id)
         history = await self.chat.history_for_join(session.id, data.get("afterMessageId"), HISTORY_ON_JOIN)
         joined: dict[str, Any] = {
             "sessionId": session.id,
@@ -185,8 +190,7 @@ class CustomerEvents:
         session_id = data["sessionId"]
 
         async def admit() -> None:
-            await self._joined(sid, session_id)
-            await self.limits.check_message(session_id)
+            await self._joined(sid, session_id)  # its messages-per-minute limit is counted as it is stored
 
         # Nothing is awaited before submit takes the message's place in the session's queue: a socket's events
         # run as separate tasks, so arrival order is kept only if the place is taken on arrival.

@@ -31,7 +31,10 @@ class Emitter:
 
     def __init__(self, sio: socketio.AsyncServer) -> None:
         self._sio = sio
-        self._emit = sio.emit  # bound once: the chunk path calls it hundreds of times a second
+        # Bound once (the chunk path calls it hundreds of times a second), and to the server's manager when there is
+        # one: AsyncServer.emit only defaults the namespace (always given here) and logs at INFO before calling it.
+        manager = getattr(sio, "manager", None)
+        self._emit = manager.emit if isinstance(manager, socketio.AsyncManager) else sio.emit
 
     # To the visitors of a session ---------------------------------------------------------------
     async def message_chunk(self, chunk: ChunkEvent) -> None:

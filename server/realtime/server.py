@@ -44,9 +44,16 @@ def after_ack(callback: Callable[[], Awaitable[Any]]) -> None:
 class ChatSocketServer(socketio.AsyncServer):
     """AsyncServer whose handlers know about the ack and can act after it, behind a guarded transport."""
 
-    def __init__(self, *args: Any, connect_timeout: float = 45.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        connect_timeout: float = 45.0,
+        ws_compression: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.connect_timeout = connect_timeout
+        self.eio.ws_compression = ws_compression
         self._join_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._connect_attempts: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()

@@ -54,6 +54,10 @@ class Storage:
         """How long a session lives without activity (SESSION_TIMEOUT)."""
         return self.sessions.ttl_seconds
 
+    async def aclose(self) -> None:
+        """Close what the stores hold of their own (the hot path's shared connection), before the client."""
+        await self.messages.aclose()
+
     async def ping(self) -> bool:
         """Whether Redis answers (raises STORAGE_FAILED errors when it does not)."""
         return bool(await self.redis.ping())

@@ -19,6 +19,7 @@ __all__ = [
     "BufferFull",
     "LockError",
     "MessageUnknown",
+    "OverLimit",
     "ReplyUnknown",
     "SessionGone",
     "StorageError",
@@ -50,6 +51,14 @@ class MessageUnknown(StorageError):
         super().__init__(f"no message {message_id!r} in this session")
         self.field = field  # the request field that named it (`before`)
         self.message_id = message_id
+
+
+class OverLimit(StorageError):
+    """A fixed-window rate limit refused the write (nothing was stored); `retry_after` seconds until it reopens."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"over the limit for another {retry_after:.3f} s")
+        self.retry_after = retry_after
 
 
 class ReplyUnknown(StorageError):

@@ -10,14 +10,53 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.lock import Lock
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import LockNotOwnedError, ResponseError
 
 from server.contract import Message, now_iso
 from server.storage import keys, scripts
 from server.storage.analytics import latency_bucket
-from server.storage.errors import MessageUnknown, SessionGone
+from server.storage.errors import MessageUnknown, OverLimit, SessionGone
+from server.storage.keys import RateBucket
+
+LOCK_POLL_SECONDS = 0.1  # how often a turn waiting for its session's lock tries again (as redis-py's Lock)
+RATE_WINDOW_MS = 60_000  # the messages-per-session limit counts per minute, as every fixed-window limit does
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCharge:
+    """The token budgets a paid reply is charged to as its message is stored (see budget_charge.lua).
+
+    The prompt's tokens are counted by the script from the context it returns, as fit_prompt counts them:
+    `fixed` is the system prompt and the message, `truncated` the count if the message has to be cut to `cap`.
+    """
+
+    counters: tuple[str, ...]  # global, visitor, client address
+    limits: tuple[int, ...]  # each counter's limit (0: counted, no limit; -1: not this call's)
+    reserve: int  # tokens reserved for the reply
+    ttl_seconds: int
+    fixed: int
+    cap: int
+    truncated: int
+    session_budget: int  # the session's own budget: a session that spent it is charged nothing (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetVerdict:
+    """What charging a reply's budgets did: charged (`refused` 0) or which counter refused (1-based)."""
+
+    refused: int
+    used: int  # today's global counter
+    first: bool  # the first refusal of that counter today
+    reserved: int  # tokens charged to every counter (nothing when refused)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettlement:
+    """A reservation corrected by what the reply used: `difference` added to each counter it was charged to."""
+
+    counters: tuple[str, ...]
+    difference: int
+    ttl_seconds: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +70,7 @@ class AppendResult:
     session_tokens: int = 0
     day_tokens: int = 0
     orphan: dict[str, Any] | None = None  # an earlier message's reply that nobody finished (see append.lua)
+    budget: BudgetVerdict | None = None  # what the reply was charged when it was stored, None: nothing was
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +96,17 @@ class MessageStore:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
-        self._snapshots = SnapshotWriter(redis, ttl_seconds)
-        self._append = scripts.register(redis, "append", includes=("trim_history",))
-        self._finish = scripts.register(redis, "finish_reply", includes=("trim_history",))
+        self._shared = scripts.SharedConnection(redis)  # the hot path's two writes, pipelined on one connection
+        self._append = scripts.register_hot(self._shared, "append", includes=("trim_history", "budget_charge"))
+        self._finish = scripts.register_hot(self._shared, "finish_reply", includes=("trim_history", "budget_charge"))
+        self._lock_script = scripts.register_hot(self._shared, "session_lock")
+        self._snapshots = SnapshotWriter(self._shared, ttl_seconds)
         self._window = scripts.register(redis, "history_window")
         self._take_leases = scripts.register(redis, "take_expired_leases")
+
+    async def aclose(self) -> None:
+        """Close the hot path's shared connection (at shutdown, before the client's pool)."""
+        await self._shared.aclose()
 
     # Writes (one round trip each: the hot path) --------------------------------------------------------------
     async def append(
@@ -71,46 +117,69 @@ class MessageStore:
         client_message_id: str | None = None,
         context_size: int = 0,
         lease: ReplyLease | None = None,
+        rate_limit: int = 0,
+        budget: BudgetCharge | None = None,
     ) -> AppendResult:
         """Store a message in order; a repeated clientMessageId (or message id) returns the first message instead.
 
-        With a `lease`, the reply this message awaits is leased to its owner in the same step. SessionGone when
-        the session is not there.
+        First the session's messages per minute are counted (`rate_limit`, 0: none): over it, OverLimit and
+        nothing else is done. With a `lease`, the reply this message awaits is leased to its owner in the same
+        step; with a `budget`, that reply's paid call is charged to it (the verdict is the result's `budget`).
+        SessionGone when the session is not there.
         """
         now = time.time()
         now_ms = int(now * 1000)
-        status, stored, context, state, *rest = await self._append(
-            keys=[
-                *keys.conversation(session_id),
-                keys.ACTIVE,
-                keys.day_tokens(keys.utc_day()),
-                keys.pending(session_id),
-                keys.REPLY_LEASES,
-            ],
-            args=[
-                message["id"],
-                orjson.dumps(message),
-                client_message_id or "",
-                self.ttl_seconds,
-                now_ms,
-                now_iso(now + self.ttl_seconds),
-                context_size,
-                session_id,
-                lease.owner if lease else "",
-                int(now * 1000 + lease.seconds * 1000) if lease else 0,
-                lease.reply_id if lease else "",
-            ],
-        )
+        script_keys = [
+            *keys.conversation(session_id),
+            keys.ACTIVE,
+            keys.day_tokens(keys.utc_day()),
+            keys.pending(session_id),
+            keys.REPLY_LEASES,
+            keys.rate_limit(RateBucket.MESSAGES, session_id),
+        ]
+        args: list[Any] = [
+            message["id"],
+            orjson.dumps(message),
+            client_message_id or "",
+            self.ttl_seconds,
+            now_ms,
+            now_iso(now + self.ttl_seconds),
+            context_size,
+            session_id,
+            lease.owner if lease else "",
+            int(now * 1000 + lease.seconds * 1000) if lease else 0,
+            lease.reply_id if lease else "",
+            rate_limit,
+            RATE_WINDOW_MS,
+        ]
+        if budget is not None:
+            script_keys += budget.counters
+            script_keys += [keys.budget_noticed(counter) for counter in budget.counters]
+            args += [
+                budget.reserve,
+                budget.ttl_seconds,
+                budget.fixed,
+                budget.cap,
+                budget.truncated,
+                budget.session_budget,
+                *budget.limits,
+            ]
+        status, stored, *rest = await self._append(keys=script_keys, args=args)
+        if status == -2:
+            raise OverLimit(max(0.001, int(stored) / 1000))
         if status == -1:
             raise SessionGone(session_id)
+        context, state = rest[0], rest[1]
+        verdict = rest[5] if len(rest) > 5 else None
         return AppendResult(
-            message=orjson.loads(stored),
+            message=message if status == 1 else orjson.loads(stored),  # stored now: the very message
             duplicate=status == 0,
             context=[orjson.loads(item) for item in context],
-            state=state.decode() if isinstance(state, bytes) else str(state),
-            session_tokens=int(rest[0]) if rest else 0,
-            day_tokens=int(rest[1]) if len(rest) > 1 else 0,
-            orphan=orjson.loads(rest[2]) if len(rest) > 2 and rest[2] else None,
+            state=keys.text(state),
+            session_tokens=int(rest[2]) if len(rest) > 2 else 0,
+            day_tokens=int(rest[3]) if len(rest) > 3 else 0,
+            orphan=orjson.loads(rest[4]) if len(rest) > 4 and rest[4] else None,
+            budget=BudgetVerdict(int(verdict[0]), int(verdict[1]), bool(verdict[2]), int(verdict[3])) if verdict else None,
         )
 
     async def finish_reply(
@@ -124,10 +193,13 @@ class MessageStore:
         confidence: float | None,
         latency_ms: float,
         tokens: int,
-    ) -> None:
+        settle: BudgetSettlement | None = None,
+    ) -> int | None:
         """Store an answer and everything counted about it in one round trip (the hot path's second write).
 
-        The counters move even when the session is gone; the messages then raise SessionGone.
+        With `settle`, the reply's budget reservation is corrected in the same step; returns today's global budget
+        counter after that (None: nothing settled). The counters move even when the session is gone; the messages
+        then raise SessionGone.
         """
         now = time.time()
         day = keys.utc_day()
@@ -141,13 +213,15 @@ class MessageStore:
             provider or "none",
             "" if confidence is None else repr(float(confidence)),
             latency_bucket(latency_ms),
+            settle.difference if settle is not None else 0,
+            settle.ttl_seconds if settle is not None else 0,
             len(attempts),
         ]
         for name, failed in attempts:
             args += [name, "1" if failed else "0"]
         for message in messages:
             args += [message["id"], orjson.dumps(message)]
-        finished = await self._finish(
+        finished, used = await self._finish(
             keys=[
                 *keys.conversation(session_id),
                 keys.ACTIVE,
@@ -157,11 +231,13 @@ class MessageStore:
                 keys.USAGE,
                 keys.pending(session_id),
                 keys.REPLY_LEASES,
+                *(settle.counters if settle is not None else ()),
             ],
             args=args,
         )
         if finished == -1:
             raise SessionGone(session_id)
+        return None if int(used) < 0 else int(used)
 
     # Reads --------------------------------------------------------------------------------------------------
     async def history(self, session_id: str, limit: int, before: str | None = None) -> HistoryPage:
@@ -242,7 +318,7 @@ class MessageStore:
             "provider": snapshot.get("provider") or None,
         }
 
-    def session_lock(self, session_id: str, timeout: float = 5, wait: float = 120) -> Lock:
+    def session_lock(self, session_id: str, token: str, timeout: float = 5, wait: float = 120) -> SessionLock:
         """A Redis lock so one session's messages are handled one at a time across processes.
 
         Short-lived and renewed by its holder, so a crashed process frees the session within seconds. Its
@@ -250,7 +326,7 @@ class MessageStore:
         over the dead holder's reply frees the lock at once (see take_expired_leases). Raises LockError
         (server.storage.errors) when it stays taken.
         """
-        return self.redis.lock(keys.lock(session_id), timeout=timeout, blocking_timeout=wait)
+        return SessionLock(self._shared, self._lock_script, keys.lock(session_id), token, timeout, wait)
 
     # Reply leases -------------------------------------------------------------------------------------------
     async def lease(self, session_id: str, message_id: str, lease: ReplyLease) -> None:
@@ -296,56 +372,56 @@ class MessageStore:
         return [(raw[i].decode(), orjson.loads(raw[i + 1])) for i in range(0, len(raw), 2)]
 
 
-class SnapshotWriter:
-    """Group commit for streamed-text snapshots: one pipeline of SETs for every snapshot waiting, then the next.
+class SessionLock:
+    """A session's turn across processes, as redis-py's Lock keeps it (SET NX PX, renewed and released by token)
+    but over the hot path's shared connection: a turn scaled out costs two commands more, not two pool round trips."""
 
-    A command of its own per chunk cost about 100 µs of client CPU each, a third of the server's CPU with 100
-    streams; batched, a snapshot costs a few µs. Callers still wait until their snapshot is stored, so a chunk
-    never goes out before Redis holds its text.
+    def __init__(
+        self, shared: scripts.SharedConnection, script: scripts.HotScript, key: str, token: str, timeout: float, wait: float
+    ) -> None:
+        self._shared = shared
+        self._script = script
+        self._key = key
+        self.token = token
+        self._ttl_ms = int(timeout * 1000)
+        self._wait = wait
+
+    async def acquire(self) -> bool:
+        """Take the lock, trying every LOCK_POLL_SECONDS for up to `wait` seconds (False: it stayed taken)."""
+        command = scripts.pack(("SET", self._key, self.token, "NX", "PX", self._ttl_ms))
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._wait
+        while await self._shared.execute(command) is None:
+            if loop.time() + LOCK_POLL_SECONDS > give_up_at:
+                return False
+            await asyncio.sleep(LOCK_POLL_SECONDS)
+        return True
+
+    async def reacquire(self) -> None:
+        """Give the lock its full time to live again; LockNotOwnedError when it is no longer ours."""
+        if not await self._script(keys=[self._key], args=[self.token, self._ttl_ms]):
+            raise LockNotOwnedError("the session lock is no longer ours")
+
+    async def release(self) -> None:
+        """Free the lock; LockNotOwnedError when it is no longer ours (it ran out, or was taken over)."""
+        if not await self._script(keys=[self._key], args=[self.token, 0]):
+            raise LockNotOwnedError("the session lock is no longer ours")
+
+
+class SnapshotWriter:
+    """Streamed-text snapshots, written over the hot path's shared connection: the snapshots of every stream sent in
+    the same turn of the event loop go out in one socket write, and their answers come back in one read.
+
+    A command of its own per chunk through redis-py cost about 100 µs of client CPU each, a third of the server's
+    CPU with 100 streams; pipelined, a snapshot costs a few µs. Callers still wait until their snapshot is stored,
+    so a chunk never goes out before Redis holds its text; commands on one connection run in order, so the newest
+    value of a key wins.
     """
 
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
-        self._redis = redis
+    def __init__(self, shared: scripts.SharedConnection, ttl_seconds: int) -> None:
+        self._shared = shared
         self._ttl_seconds = ttl_seconds
-        self._pending: dict[str, bytes] = {}
-        self._waiters: list[asyncio.Future[None]] = []
-        self._writer: asyncio.Task[None] | None = None
 
     async def write(self, key: str, value: bytes) -> None:
-        """Store `value` under `key` (the newest value of a key wins) along with everything else waiting."""
-        self._pending[key] = value
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all())
-        await waiter
-
-    async def _write_all(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, {}
-            waiters, self._waiters = self._waiters, []
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, value in batch.items():
-                        pipe.set(key, value, ex=self._ttl_seconds)
-                    await pipe.execute()
-            except Exception as err:
-                self._fail(waiters, err)
-            except BaseException:  # cancelled (shutdown): nobody may be left waiting
-                self._fail(waiters + self._waiters, RedisConnectionError("snapshot writer stopped"))
-                raise
-            else:
-                self._succeed(waiters)
-
-    @staticmethod
-    def _succeed(waiters: list[asyncio.Future[None]]) -> None:
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    @staticmethod
-    def _fail(waiters: list[asyncio.Future[None]], err: BaseException) -> None:
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(err)
-                waiter.exception()  # a caller cancelled meanwhile must not log "never retrieved"
+        """Store `value` under `key` with the session's time to live."""
+        await self._shared.execute(scripts.pack(("SET", key, value, "EX", self._ttl_seconds)))

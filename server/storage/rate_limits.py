@@ -22,7 +22,7 @@ class RateLimitStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self._window = scripts.register(redis, "fixed_window")
-        self._budget = scripts.register(redis, "budgets")
+        self._budget = scripts.register(redis, "budgets", includes=("budget_charge",))
         self._sign_in = scripts.register(redis, "auth_failures")
 
     # Fixed windows (policy in server/web/rate_limits.py) ----------------------------------------------------

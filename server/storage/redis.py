@@ -112,13 +112,13 @@ async def wait_until_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A preexec_fn that makes the kernel SIGTERM the child when its parent dies (Linux), else None.
 
     The kernel sends it when the *thread* that forked exits: asyncio's default loop (Popen) and uvloop
     (uv_spawn) both fork on the event-loop thread, which for `run.py` is the main thread, so the signal
     comes exactly when the server process dies (kill -9, OOM kill, crash). Everything the child runs is
-    bound here, before the fork.
+    bound here, before the fork. The embedded redis-server gets it, and so do the workers of WORKERS>1.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -133,7 +133,7 @@ def _parent_death_signal() -> Callable[[], None] | None:
         if prctl(PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if getppid() != parent:  # the parent died before prctl took effect: do not outlive it
-            raise OSError("the server exited while starting redis-server")
+            raise OSError("the parent exited while starting its child")
 
     return set_pdeathsig
 
@@ -205,6 +205,9 @@ class EmbeddedRedis:
     only the server, which drains and then stops Redis last with `stop()`. If the server dies without
     cleaning up, the kernel SIGTERMs the child (it writes its AOF and exits). DATA_DIR/redis.owner names
     the owning server, so a later start reuses a Redis another live server owns and takes over one nobody does.
+    With WORKERS above 1 the supervisor process owns it: it starts it before the workers, hands every worker
+    its `url` (they use it as they would an external Redis: pub/sub rooms, cross-process order), and stops it
+    after the last worker has exited.
     """
 
     def __init__(self, data_dir: Path) -> None:
@@ -320,7 +323,7 @@ class EmbeddedRedis:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_parent_death_signal(),
+            preexec_fn=parent_death_signal(),
         )
         self._process = process
         loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,20 @@ class Spool:
         if not self.directory.is_dir():
             return 0
         adopted = 0
-        files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
-        for path in files:
+        for path in _oldest_first(self.directory.glob(f"*{SUFFIX}")):
             if path == self.path:
                 continue
-            fd = os.open(path, os.O_RDWR)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # another process starting beside this one (WORKERS) took it over first
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live process's spool
+                if not _still_at(fd, path):
+                    continue  # taken over and removed by another process between our open and our lock
                 undone = _undone(path.read_bytes())
                 if undone:
                     logger.warning("replaying {} buffered writes left by a process that stopped ({})", len(undone), path.name)
@@ -86,12 +90,33 @@ class Spool:
         self._fd = None
 
     def _open(self) -> int:
-        if self._fd is None:
+        while self._fd is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._fd = fd
+            # The name is this process's own; only a process checking it for an orphan holds it, for a moment.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _still_at(fd, self.path):
+                self._fd = fd
+            else:  # another process starting took the new, unlocked file for an orphan and removed it: again
+                os.close(fd)
         return self._fd
+
+
+def _oldest_first(paths: Iterable[Path]) -> list[Path]:
+    """Spool files by age; one removed meanwhile (another process took it over) is left out."""
+    aged: list[tuple[float, Path]] = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            aged.append((path.stat().st_mtime, path))
+    return [path for _, path in sorted(aged)]
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the one named `path` (not removed, nor replaced, since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _undone(raw: bytes) -> list[dict[str, Any]]:

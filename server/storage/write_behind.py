@@ -14,7 +14,7 @@ from loguru import logger
 
 from server.contract import Message
 from server.storage.errors import STORAGE_DOWN, BufferFull, StorageError
-from server.storage.messages import AppendResult, MessageStore, ReplyLease
+from server.storage.messages import AppendResult, BudgetCharge, BudgetSettlement, MessageStore, ReplyLease
 from server.storage.spool import Spool
 
 RECENT_SESSIONS_KEPT = 5_000
@@ -103,10 +103,14 @@ class WriteBehindStore:
         client_message_id: str | None = None,
         context_size: int = 0,
         reply_id: str | None = None,
+        rate_limit: int = 0,
+        budget: BudgetCharge | None = None,
     ) -> AppendResult:
         """Store now when possible, else buffer; the caller carries on either way.
 
-        With a `reply_id`, the answer this message awaits is leased to this process (see ReplyLease).
+        With a `reply_id`, the answer this message awaits is leased to this process (see ReplyLease). The rate
+        limit and the budget charge apply only to a message stored now: a buffered one is neither limited (limits
+        fail open while Redis is away) nor charged (its result's `budget` is None).
         """
         if not self._pending:
             try:
@@ -116,6 +120,8 @@ class WriteBehindStore:
                     client_message_id=client_message_id,
                     context_size=context_size,
                     lease=self.lease_for(reply_id),
+                    rate_limit=rate_limit,
+                    budget=budget,
                 )
             except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
@@ -124,19 +130,30 @@ class WriteBehindStore:
                 return result
         return self._buffer_append(session_id, message, client_message_id, context_size, reply_id)
 
-    async def finish_reply(self, session_id: str, messages: list[Message], **bookkeeping: Any) -> None:
-        """Store an answer with its counters in one round trip; while Redis is away, buffer it whole."""
+    async def finish_reply(self, session_id: str, messages: list[Message], **bookkeeping: Any) -> int | None:
+        """Store an answer with its counters in one round trip; while Redis is away, buffer it whole.
+
+        Returns today's global budget counter when a reservation was settled now (see MessageStore.finish_reply).
+        """
         if not self._pending:
             try:
-                await self.messages.finish_reply(session_id, messages, **bookkeeping)
+                used = await self.messages.finish_reply(session_id, messages, **bookkeeping)
             except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
             else:
                 self._remember_messages(session_id, messages)
-                return
+                return used
         bookkeeping["attempts"] = [list(a) for a in bookkeeping.get("attempts", ())]
+        settle: BudgetSettlement | None = bookkeeping.get("settle")
+        if settle is not None:
+            bookkeeping["settle"] = {
+                "counters": list(settle.counters),
+                "difference": settle.difference,
+                "ttl": settle.ttl_seconds,
+            }
         self._remember_messages(session_id, messages)
         self._queue("finish", session_id, {"messages": messages, "bookkeeping": bookkeeping})
+        return None
 
     async def run_or_defer(self, kind: str, session_id: str, body: dict[str, Any]) -> None:
         """Run the replayer registered for `kind` now, or (Redis unreachable, or writes waiting) buffer it."""
@@ -273,6 +290,9 @@ class WriteBehindStore:
         elif item.kind == "finish":
             bookkeeping = dict(body["bookkeeping"])
             bookkeeping["attempts"] = [tuple(a) for a in bookkeeping.get("attempts", ())]
+            settle = bookkeeping.get("settle")
+            if settle is not None:
+                bookkeeping["settle"] = BudgetSettlement(tuple(settle["counters"]), int(settle["difference"]), int(settle["ttl"]))
             await self.messages.finish_reply(item.session_id, body["messages"], **bookkeeping)
         else:
             await self._replayers[item.kind](item.session_id, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -151,3 +152,57 @@ async def test_a_reply_taken_over_goes_on_from_its_index_and_tells_clients_to_re
     chunks = server.events("message-chunk")
     assert [(c["index"], c["reset"]) for c in chunks] == [(resume_at, True), (resume_at + 1, False)]
     assert reply.chunks_sent == resume_at + 2
+
+
+async def test_an_answer_whole_within_the_first_window_sends_the_room_nothing_but_its_listener_gets_it() -> None:
+    server = RecordingServer()
+    heard: list[str] = []
+
+    async def listener(kind: str, payload: Any) -> None:
+        heard.append(payload["delta"])
+
+    reply = stream(server, flush_ms=1000, listener=listener)
+    await reply.begin()
+    for word in ["Echo: ", "hello"]:
+        await reply.add(word, "openai", False)
+    await reply.end()
+    assert server.sent == []  # message-received alone will carry it
+    assert reply.text == "Echo: hello" and heard == ["Echo: hello"]
+
+
+async def test_a_slow_answer_is_announced_when_the_first_window_ends() -> None:
+    server = RecordingServer()
+    reply = stream(server, flush_ms=5, flush_chars=1000)
+    await reply.begin()
+    assert server.sent == []
+    await server.next_event()
+    assert server.events("assistant-typing") == [{"sessionId": "s1", "typing": True}]
+    await reply.add("late", "openai", False)
+    await reply.end()
+    assert [event for event, *_ in server.sent] == ["assistant-typing", "message-chunk", "assistant-typing"]
+    assert [t["typing"] for t in server.events("assistant-typing")] == [True, False]
+
+
+async def test_a_long_answer_within_the_first_window_is_announced_before_its_first_chunk() -> None:
+    server = RecordingServer()
+    reply = stream(server, flush_ms=1000, flush_chars=8)
+    await reply.begin()
+    await reply.add("0123456789", "openai", False)
+    await reply.add("tail", "openai", False)
+    await reply.end()
+    names = [event for event, *_ in server.sent]
+    assert names == ["assistant-typing", "message-chunk", "message-chunk", "assistant-typing"]
+    assert text_of(server.events("message-chunk")) == "0123456789tail"
+
+
+async def test_the_first_delta_opens_the_window_that_decides() -> None:
+    """A first token within `flush_ms` of the start, and the rest within `flush_ms` of it: still nothing sent."""
+    server = RecordingServer()
+    reply = stream(server, flush_ms=300)
+    await reply.begin()
+    await asyncio.sleep(0.2)
+    await reply.add("Echo: ", "openai", False)
+    await asyncio.sleep(0.15)  # 350 ms after the start, 150 after the first delta
+    await reply.add("hello", "openai", False)
+    await reply.end()
+    assert server.sent == [] and reply.text == "Echo: hello"

@@ -1,4 +1,4 @@
-"""Google Gemini through the maintained google-genai SDK (`client.aio`)."""
+"""Google Gemini through the maintained google-genai SDK (`client.aio`, GEMINI_CLIENT=sdk)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from server.ai.providers.base import (
     token_count,
 )
 from server.ai.providers.errors import describe_failure, retry_after_from_headers
+from server.ai.providers.gemini_wire import contents_for
 
 
 class GeminiProvider(AIProvider):
@@ -49,16 +50,6 @@ class GeminiProvider(AIProvider):
     def configured(self) -> bool:
         return self._client is not None
 
-    @staticmethod
-    def contents_for(request: ProviderRequest) -> list[dict[str, object]]:
-        """Gemini's contents: earlier turns (assistant → model) and the new message."""
-        contents: list[dict[str, object]] = [
-            {"role": "model" if turn.role == "assistant" else "user", "parts": [{"text": turn.content}]}
-            for turn in request.history
-        ]
-        contents.append({"role": "user", "parts": [{"text": request.message}]})
-        return contents
-
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent, None]:
         if self._client is None:
             raise ProviderError("not configured")
@@ -77,7 +68,7 @@ class GeminiProvider(AIProvider):
                     max_output_tokens=request.max_tokens,
                     http_options=types.HttpOptions(
                         extra_body={
-                            "contents": self.contents_for(request),
+                            "contents": contents_for(request),
                             "systemInstruction": {"parts": [{"text": request.system_prompt}]},
                         }
                     ),

@@ -1,12 +1,18 @@
--- append.lua: stores one message in order, atomically (the hot path's first write; needs trim_history.lua).
+-- append.lua: stores one message in order, atomically: the hot path's only round trip before the ack (needs
+-- trim_history.lua and budget_charge.lua).
 --
--- Refuses unknown sessions, honours clientMessageId idempotence (and a message id already stored: a buffered write
--- retried after its answer was lost), keeps the id -> position index, renews every TTL and returns the context
--- that preceded the message. With an owner (ARGV[9]) and outside an agent's hold, the answer this message now
--- awaits is leased to that owner until ARGV[10]: KEYS[7] says which reply it will be, KEYS[8] holds every lease by
--- expiry, so another process finishes the reply if its owner dies (take_expired_leases.lua). A lease found there
--- already belongs to a reply nobody finished (its owner died; whoever appends holds the session's turn) and is
--- returned, so the caller answers that message first.
+-- First the session's message rate limit (a fixed window, as fixed_window.lua counts it: every attempt counts,
+-- refused or not). Then it refuses unknown sessions, honours clientMessageId idempotence (and a message id already
+-- stored: a buffered write retried after its answer was lost), keeps the id -> position index, renews every TTL and
+-- returns the context that preceded the message. With an owner (ARGV[9]) and outside an agent's hold, the answer
+-- this message now awaits is leased to that owner until ARGV[10]: KEYS[7] says which reply it will be, KEYS[8]
+-- holds every lease by expiry, so another process finishes the reply if its owner dies (take_expired_leases.lua). A
+-- lease found there already belongs to a reply nobody finished (its owner died; whoever appends holds the session's
+-- turn) and is returned, so the caller answers that message first.
+--
+-- With budget counters (KEYS[10..]), the paid provider call that will answer the message is charged to them at
+-- once (see budget_charge.lua): its prompt's tokens as fit_prompt counts them for the context returned, plus the
+-- reply reserve. Nothing is charged for a message an agent answers or in a session whose own budget is spent.
 --
 -- KEYS  name            meaning
 --   1   session         chat:session:{sid} hash
@@ -17,6 +23,8 @@
 --   6   day tokens      chat:tokens:<day> provider tokens used today
 --   7   pending         chat:pending:{sid} the reply this session awaits (JSON), if leased
 --   8   reply leases    chat:replyleases zset session id -> lease expiry (ms)
+--   9   rate window     chat:ratelimit:messages:<sid> the session's messages this window
+--  10.. budgets         n budget counters (global, visitor, client address), then their n "noticed" markers
 -- ARGV  name            meaning
 --   1   message id      the message's id
 --   2   message         the message JSON
@@ -29,8 +37,25 @@
 --   9   owner           the lease owner (instance id), '' for no lease
 --  10   lease expiry    when the lease runs out (ms), 0 without an owner
 --  11   reply id        the id the awaited reply will be stored under, '' without an owner
--- Returns {-1, false, {}, ''} no such session; {0, stored message JSON, {}, state} a duplicate (the first one);
---   {1, message JSON, context JSON list, state, session tokens, day tokens, orphaned pending JSON or false} stored.
+--  12   rate limit      messages per window (0: no limit, KEYS[9] untouched)
+--  13   rate window     the window's length (ms)
+--  14   reserve         tokens reserved for the reply, beside the prompt's
+--  15   budget ttl      the budget counters' TTL (s)
+--  16   fixed           the tokens of the system prompt and the message
+--  17   prompt cap      MAX_PROMPT_TOKENS (0: none)
+--  18   truncated       the prompt's tokens if the message has to be cut to fit the cap
+--  19   session budget  the session's own token budget (0: none)
+--  20.. limits         each budget counter's limit (0: counted, no limit; -1: not this call's)
+-- Returns {-2, ms left in the window} over the rate limit (nothing else done); {-1, false, {}, ''} no such session;
+--   {0, stored message JSON, {}, state} a duplicate (the first one); {1, false (the message is ARGV[2]), context
+--   JSON list, state, session tokens, day tokens, orphaned pending JSON or false, budget} stored, where budget is
+--   false when nothing was charged, else {refused index or 0, global used, first, tokens reserved}.
+local rate_limit = tonumber(ARGV[12] or '0')
+if rate_limit > 0 then
+  local count = redis.call('INCR', KEYS[9])
+  if count == 1 then redis.call('PEXPIRE', KEYS[9], ARGV[13]) end
+  if count > rate_limit then return {-2, redis.call('PTTL', KEYS[9])} end
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, false, {}, ''} end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
@@ -64,4 +89,18 @@ end
 trim_history(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
 local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
-return {1, ARGV[2], context, state, tokens, day_tokens, orphan}
+local budget = false
+local n_budgets = (#KEYS - 9) / 2
+local session_budget = tonumber(ARGV[19] or '0')
+if n_budgets > 0 and state ~= 'agent' and not (session_budget > 0 and tokens >= session_budget) then
+  local counters, noticed, limits = {}, {}, {}
+  for i = 1, n_budgets do
+    counters[i] = KEYS[9 + i]
+    noticed[i] = KEYS[9 + n_budgets + i]
+    limits[i] = tonumber(ARGV[19 + i])
+  end
+  local reserve = prompt_tokens(context, tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])) + tonumber(ARGV[14])
+  local refused, used, first = charge_budgets(counters, noticed, limits, reserve, ARGV[15])
+  budget = {refused, used, first, reserve}
+end
+return {1, false, context, state, tokens, day_tokens, orphan, budget}

@@ -1,7 +1,8 @@
--- finish_reply.lua: stores a finished reply with all its book-keeping in one round trip (the hot path's second
--- write; needs trim_history.lua): the message(s) in order (ids already stored are skipped, so a retried write
--- stores nothing twice), the streamed text forgotten, the reply's lease released, tokens for the budgets, the day's
--- analytics and the provider usage counters. The counters are moved even when the session is gone.
+-- finish_reply.lua: stores a finished reply with all its book-keeping in one round trip: the hot path's only write
+-- after the ack (needs trim_history.lua and budget_charge.lua): the message(s) in order (ids already stored are
+-- skipped, so a retried write stores nothing twice), the streamed text forgotten, the reply's lease released, tokens
+-- for the budgets (the reservation append.lua made, corrected by what the provider reported), the day's analytics
+-- and the provider usage counters. The counters are moved even when the session is gone.
 --
 -- KEYS  name            meaning
 --   1   session         chat:session:{sid} hash
@@ -15,6 +16,7 @@
 --   9   usage           chat:usage hash "<provider>:requests" / "<provider>:failures"
 --  10   pending         chat:pending:{sid} the awaited reply's lease record
 --  11   reply leases    chat:replyleases zset
+--  12.. budgets         the budget counters the reply's reservation was charged to (none: nothing to settle)
 -- ARGV  name            meaning
 --   1   ttl             session TTL (s)
 --   2   now             now (ms): the activity score
@@ -25,16 +27,19 @@
 --   7   provider        the provider that answered ('none' for none)
 --   8   confidence      the reply's confidence, '' for none
 --   9   latency bucket  upper edge (ms) of the reply latency's bucket
---  10   n attempts      how many (name, failed) pairs follow
---  11.. attempts        n pairs: provider name, '1' failed / '0' not
+--  10   settle          tokens used minus tokens reserved, added to every budget counter (0: nothing to settle)
+--  11   budget ttl      the budget counters' TTL (s)
+--  12   n attempts      how many (name, failed) pairs follow
+--  13.. attempts        n pairs: provider name, '1' failed / '0' not
 --  then messages        pairs: message id, message JSON, to the end of ARGV
--- Returns -1 when the session is gone (nothing stored, counters moved), else 1.
+-- Returns {-1, used} when the session is gone (nothing stored, counters moved), else {1, used}; used is today's
+--   global budget counter after the settlement, -1 when nothing was settled.
 local ttl = tonumber(ARGV[1])
-local n_attempts = tonumber(ARGV[10])
+local n_attempts = tonumber(ARGV[12])
 for i = 0, n_attempts - 1 do
-  local name = ARGV[11 + 2 * i]
+  local name = ARGV[13 + 2 * i]
   redis.call('HINCRBY', KEYS[9], name .. ':requests', 1)
-  if ARGV[12 + 2 * i] == '1' then redis.call('HINCRBY', KEYS[9], name .. ':failures', 1) end
+  if ARGV[14 + 2 * i] == '1' then redis.call('HINCRBY', KEYS[9], name .. ':failures', 1) end
 end
 local tokens = tonumber(ARGV[6])
 redis.call('HINCRBY', KEYS[8], 'provider:' .. ARGV[7], 1)
@@ -53,10 +58,21 @@ if ARGV[5] ~= '' and redis.call('TYPE', KEYS[6]).ok == 'string' then
   local streamed = cjson.decode(redis.call('GET', KEYS[6]))
   if streamed.messageId == ARGV[5] then redis.call('DEL', KEYS[6]) end
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local used = -1
+local settle = tonumber(ARGV[10])
+if #KEYS > 11 and settle ~= 0 then
+  local counters, limits = {}, {}
+  for i = 12, #KEYS do
+    counters[#counters + 1] = KEYS[i]
+    limits[#limits + 1] = 0
+  end
+  local _
+  _, used = charge_budgets(counters, {}, limits, settle, ARGV[11])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, used} end
 if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
-for i = 11 + 2 * n_attempts, #ARGV, 2 do
+for i = 13 + 2 * n_attempts, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
     local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
     redis.call('HSET', KEYS[3], ARGV[i], offset + n - 1)
@@ -68,4 +84,4 @@ redis.call('ZREM', KEYS[11], ARGV[4])
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[4])
-return 1
+return {1, used}
