@@ -20,6 +20,17 @@ from tests.processes import ServerProcess
 from tests.servers import RedisProcess, RunningServer, ServerFactory, free_port
 
 UNIT_TESTS = Path(__file__).parent / "unit"
+PROVIDER_TRANSPORTS = ("direct", "sdk")  # OPENAI_CLIENT / GEMINI_CLIENT
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `BOTH_PROVIDER_TRANSPORTS = True` runs each of its tests against both transports.
+
+    The direct transport is the default and every test uses it; the modules that pin what users rely on
+    (failover, streaming, stop, resume) run again with the official SDKs, so neither path can drift.
+    """
+    if "provider_transport" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_PROVIDER_TRANSPORTS", False):
+        metafunc.parametrize("provider_transport", PROVIDER_TRANSPORTS, indirect=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -85,9 +96,17 @@ def cluster_env(redis_url: str, double: ProviderDouble) -> dict[str, str]:
 
 
 @pytest.fixture
-def settings(redis_url: str, double: ProviderDouble, tmp_path: Path) -> Settings:
+def provider_transport(request: pytest.FixtureRequest) -> str:
+    """The provider transport of the test's servers: `direct`, or each one in turn (see pytest_generate_tests)."""
+    return str(getattr(request, "param", "direct"))
+
+
+@pytest.fixture
+def settings(redis_url: str, double: ProviderDouble, tmp_path: Path, provider_transport: str) -> Settings:
     """Both providers pointed at the double, fast timeouts, streaming flushes immediate enough for tests."""
     return Settings(
+        openai_client=provider_transport,
+        gemini_client=provider_transport,
         host="127.0.0.1",
         port=0,
         openai_api_key=Secret("sk-test-openai-key"),

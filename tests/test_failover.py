@@ -15,6 +15,8 @@ from tests.fakes import FakeClock
 from tests.processes import free_port
 from tests.servers import RunningServer
 
+BOTH_PROVIDER_TRANSPORTS = True  # every test here runs with OPENAI_CLIENT/GEMINI_CLIENT=direct and =sdk
+
 
 async def ask(client, session_id: str, text: str, timeout: float = 10) -> dict:
     sent = await client.call("send-message", {"sessionId": session_id, "message": text})

@@ -9,6 +9,8 @@ import pytest
 from tests.clients import Recorder, joined_client, request
 from tests.servers import RunningServer
 
+BOTH_PROVIDER_TRANSPORTS = True  # every test here runs with OPENAI_CLIENT/GEMINI_CLIENT=direct and =sdk
+
 
 async def test_join_send_and_receive_reply(server: RunningServer, connect) -> None:
     client = await connect(server.url)

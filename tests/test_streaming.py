@@ -8,6 +8,8 @@ import pytest
 
 from tests.clients import joined_client, parse_sse
 
+BOTH_PROVIDER_TRANSPORTS = True  # every test here runs with OPENAI_CLIENT/GEMINI_CLIENT=direct and =sdk
+
 
 def chunks_for(client, message_id: str) -> list[dict]:
     return [c for c in client.of("message-chunk") if c["messageId"] == message_id]
