@@ -188,6 +188,9 @@ class Stack:
             "RATE_LIMIT_SESSIONS_PER_MINUTE": "0",
             "RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
             "RATE_LIMIT_CONNECTIONS_PER_MINUTE": "0",
+            # 100 sessions from one address: the per-client cap on messages not yet stored (50 in one process)
+            # would refuse half of the first burst, and a closed-loop session that was refused never sends again.
+            "MAX_PENDING_PER_CLIENT": "0",
             "PEER_DIR": str(self.peer),
         }
 
@@ -196,13 +199,15 @@ class Stack:
         return f"double:{self.fake.pid},redis:{self.redis.pid}"
 
     @contextlib.contextmanager
-    def serving(self, target: Target, extra_env: dict[str, str] | None = None, tag: str = "") -> Iterator[subprocess.Popen]:
-        """Run `target` on the server core until the block ends (fresh Redis, double reset)."""
+    def serving(
+        self, target: Target, extra_env: dict[str, str] | None = None, tag: str = "", cores: str = SERVER_CORE
+    ) -> Iterator[subprocess.Popen]:
+        """Run `target` on the server core (or `cores`) until the block ends (fresh Redis, double reset)."""
         self.flush_redis()
         self.control()
         env = {**self.env(), **target.env, **(extra_env or {}), "PORT": str(target.port)}
         log = (LOGS / f"{slug(target.name)}{('-' + tag) if tag else ''}.log").open("w")
-        proc = popen(["taskset", "-c", SERVER_CORE, *target.command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = popen(["taskset", "-c", cores, *target.command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_http(target.url + "/api/v1/health", proc=proc)
             time.sleep(0.5)
@@ -211,13 +216,13 @@ class Stack:
             stop(proc)
             log.close()
 
-    def drive(self, script: str, args: list[str], timeout: float) -> dict[str, Any]:
-        """Run one driver (load.js, bench/drivers/*.mjs or *.py) on the load core; its last JSON line, or an error."""
+    def drive(self, script: str, args: list[str], timeout: float, cores: str | None = LOAD_CORE) -> dict[str, Any]:
+        """Run one driver (load.js, bench/drivers/*.mjs or *.py) on the load core (None: unpinned); its last JSON line."""
         path = self.peer / script if script == "load.js" else DRIVERS / script
         runtime = sys.executable if script.endswith(".py") else "node"
         try:
             out = subprocess.run(
-                ["taskset", "-c", LOAD_CORE, runtime, str(path), *args],
+                [*(["taskset", "-c", cores] if cores else []), runtime, str(path), *args],
                 capture_output=True,
                 preexec_fn=_die_with_parent,
                 text=True,

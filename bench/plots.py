@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import RAW, RESULTS, slug
-from scenarios import PEER, THIS
+from scenarios import PEER, THIS, THIS_SDK
 
 
 def _latencies(target: str, scenario: str) -> list[float]:
@@ -33,7 +33,7 @@ def plot_all(rows: list[dict[str, Any]]) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {THIS: "tab:blue", PEER: "tab:orange"}
+    styles = {THIS: "tab:blue", THIS_SDK: "tab:green", PEER: "tab:orange"}
     for target, color in styles.items():
         for scenario, dash in [("B3 rate 100", "-"), ("B3 rate 500", "--")]:
             values = _latencies(target, scenario)

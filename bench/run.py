@@ -9,9 +9,11 @@ double (devtools.provider_double, port 9002) serve every target.
   B3 latency at fixed rates           load.js rate
   B4 streaming fan-out                bench/drivers/stream_load.mjs (this server, coalescing on and off)
   B5 failover penalty                 bench/drivers/ttft.mjs (this server, fresh server per fault)
+  B6 every core (WORKERS)             load.js closed: one process vs WORKERS=2, the server on cores 0-1 and the
+                                      driver, Redis and the double unpinned (they share the two cores)
 
 Prints one table, writes bench/results/latest.json (raw rows + summary), latest.md and the PNG plots.
-Usage: python bench/run.py [--duration 8] [--reps 1] [--idle 1000,5000,10000] [--only B1,B2,B3,B4,B5] [--targets ...]
+Usage: python bench/run.py [--duration 8] [--reps 1] [--idle 1000,5000,10000] [--only B1,B2,B3,B4,B5,B6] [--targets ...]
        [--baseline-tree DIR]  (an earlier checkout, e.g. `git worktree add /tmp/base HEAD~1`, measured in the same rounds)
 """
 
@@ -35,6 +37,7 @@ from scenarios import (
     b2_b3,
     b4_stream,
     b5_failover,
+    b6_workers,
     double_alone,
     log,
     targets,
@@ -49,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=1, help="repetitions of B2/B3/B4; the table shows medians")
     parser.add_argument("--idle", default="1000,5000,10000", help="B1 connection levels (cumulative)")
     parser.add_argument("--join-concurrency", type=int, default=50, help="B1 connects+joins in flight")
-    parser.add_argument("--only", default="B1,B2,B3,B4,B5", help="scenarios to run (B2 and B3 run together)")
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6", help="scenarios to run (B2 and B3 run together)")
     parser.add_argument("--targets", default="", help="comma-separated target names (default: all)")
     parser.add_argument("--baseline-tree", default="", help="another checkout of this server, run beside it (regressions)")
     return parser.parse_args()
@@ -101,6 +104,8 @@ def main() -> None:
             attempt("B4", b4_stream, stack, this, args.reps, args.duration)
         if this is not None and "B5" in only:
             attempt("B5", b5_failover, stack, this)
+        if this is not None and "B6" in only:
+            attempt("B6", b6_workers, stack, this, args.reps, args.duration)
     finally:
         stack.close()
 
@@ -115,14 +120,15 @@ def main() -> None:
         "joinConcurrency": args.join_concurrency,
         "host": platform.node(),
         "python": platform.python_version(),
-        "cores": {"server": 0, "load": 1},
+        "cores": {"server": 0, "load": 1, "b6": {"server": "0,1", "load": "any"}},
     }
     # Only a full run replaces the figures docs/performance.md shows; a partial one (--only, --targets) goes beside them.
     name = "latest" if only >= {"B1", "B2", "B3", "B4", "B5"} and not wanted and not args.baseline_tree else "partial"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": lines, "rows": rows}, indent=1))
     md = markdown_table(lines)
     (RESULTS / f"{name}.md").write_text(
-        f"`make bench` ({meta['at']}, {args.duration} s per run, median of {args.reps}, server on core 0, load on core 1)\n\n"
+        f"`make bench` ({meta['at']}, {args.duration} s per run, median of {args.reps}, server on core 0, load on core 1; "
+        "B6: the server's processes on cores 0-1, the load driver unpinned, sharing them)\n\n"
         f"{md}\n"
     )
     pngs = plot_all(rows) if name == "latest" else []

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import PY, RAW, ROOT, Stack, Target, get_json, slug
+from harness import LOAD_CORE, PY, RAW, ROOT, Stack, Target, get_json, slug
 
 THIS = "this server"
+THIS_SDK = "this server (sdk)"  # the same server with both providers on their SDK transports (OPENAI_CLIENT=sdk ...)
+SDK_ENV = {"OPENAI_CLIENT": "sdk", "GEMINI_CLIENT": "sdk"}
 BASELINE_TREE = "baseline tree"  # another checkout of this server (--baseline-tree), for regressions
 PEER = "node peer"
 ECHO = "socketio echo"
@@ -42,6 +44,7 @@ def targets(peer_server: str, redis_url: str, baseline_tree: str = "") -> list[T
     echo = ["-m", "bench.baselines.socketio_echo"]  # as a module from the repo root: it imports the server's middleware
     return [
         Target(THIS, [PY, "-m", "run"], 3301, chat=True),  # `-m run` with the repo root as cwd
+        Target(THIS_SDK, [PY, "-m", "run"], 3307, chat=True, env=SDK_ENV),
         Target(PEER, ["node", peer_server], 3302, chat=True),
         Target(ECHO, [PY, *echo, "--port", "3303"], 3303),
         Target(ECHO_REDIS, [PY, *echo, "--port", "3304", "--redis", redis_url], 3304),
@@ -96,8 +99,10 @@ def load_js(
     extra: list[str],
     mode: dict[str, Any] | None = None,
     dump: bool = False,
+    tree: bool = False,
+    driver_cores: str | None = LOAD_CORE,
 ) -> dict[str, Any]:
-    """One load.js run (B2/B3) with the double in `mode`."""
+    """One load.js run (B2/B3/B6) with the double in `mode` (`tree`: the server's CPU includes its child processes)."""
     stack.control(mode)
     args = [
         "--url",
@@ -109,7 +114,7 @@ def load_js(
         "--server-pid",
         str(pid),
         "--tree",
-        "0",
+        "1" if tree else "0",
         "--extra-pids",
         stack.extra_pids(),
         "--label",
@@ -120,7 +125,7 @@ def load_js(
     ]
     if dump:
         args += ["--dump-latencies", str(latency_dump(target.name, scenario, rep))]
-    out = stack.drive("load.js", args, timeout=duration * 4 + 120)
+    out = stack.drive("load.js", args, timeout=duration * 4 + 120, cores=driver_cores)
     stack.control()
     lat = out.get("latencyMs") or {}
     log(
@@ -249,4 +254,30 @@ def b5_failover(stack: Stack, target: Target, requests: int = 40) -> list[dict[s
             + (f" ERROR {out['error']}" if "error" in out else "")
         )
         rows.append(row(target.name, f"B5 {fault}", 1, out, env={**B5_ENV, **env}, doubleMode=mode, **summary))
+    return rows
+
+
+B6_CORES = "0,1"  # the server's processes may use both cores; the load driver, Redis and the double are not pinned
+# B6 runs: the default single process (in-memory Socket.IO manager, as in B2), the same process with the Redis manager
+# every worker needs, and WORKERS=2 (a supervisor and two workers on one port).
+B6_RUNS = {
+    "B6 closed 100, 1 process": {"WORKERS": "1"},
+    "B6 closed 100, 1 process, redis manager": {"WORKERS": "1", "SOCKETIO_MANAGER": "auto"},
+    "B6 closed 100, 2 workers": {"WORKERS": "2", "SOCKETIO_MANAGER": "auto"},
+}
+
+
+def b6_workers(stack: Stack, target: Target, reps: int, duration: int) -> list[dict[str, Any]]:
+    """B6: B2's closed loop against one process and against WORKERS=2, on both cores, the driver sharing them.
+
+    The configurations take turns in each round (a fresh server each time), so a slower spell of the shared machine
+    falls on all of them; the server's CPU counts the supervisor and its workers (load.js --tree 1).
+    """
+    rows = []
+    closed = ["--mode", "closed", "--sessions", "100"]
+    for rep in range(1, reps + 1):
+        for scenario, env in B6_RUNS.items():
+            with stack.serving(target, env, tag=slug(scenario), cores=B6_CORES) as proc:
+                out = load_js(stack, target, proc.pid, scenario, rep, duration, closed, tree=True, driver_cores=None)
+                rows.append({**out, "env": env, "serverCores": B6_CORES, "driverCores": "any"})
     return rows
