@@ -222,7 +222,10 @@ class CustomerEvents:
         return {"ticketId": ticket["id"]}
 
     async def agent_only(self, sid: str, payload: Any) -> dict[str, Any]:
-        """Agent events on the customers' namespace are refused, whatever the payload."""
+        """Agent events on the customers' namespace are refused: a non-object payload as every event refuses it
+        (the contract's validation_error comes first), any other as unauthorized."""
+        if not isinstance(payload, dict):
+            raise ApiError("validation_error", "The payload must be a JSON object.")
         raise ApiError("unauthorized", "Agent events need the /agents namespace and an agent key.")
 
     async def feedback(self, sid: str, payload: Any) -> dict[str, Any]:
