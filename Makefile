@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test test-fast install install-dev node chromium nginx lint bench clean
+.PHONY: run test test-fast install install-dev node chromium nginx lint bench eval clean
 
 run: install node
 	$(PY) run.py
@@ -62,6 +62,12 @@ nginx:
 			|| echo "nginx could not be installed: the deployment test will be skipped"; \
 		else echo "nginx missing and cannot be installed here: the deployment test will be skipped"; fi; \
 	fi
+
+# Retrieval quality and latency on the labelled questions (eval/questions.jsonl) for bm25, dense and hybrid, on the
+# tune and held-out splits; prints the table and writes it into docs/evaluation.md. EVAL_ARGS="--check" fails the
+# run when a held-out target is missed, "--misses" lists the tune split's misses.
+eval: install-dev
+	$(PY) eval/run.py $(EVAL_ARGS)
 
 # Side-by-side benchmarks (needs node and npm for the peer and its load driver).
 bench: install-dev node

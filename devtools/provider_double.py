@@ -10,8 +10,11 @@ import argparse
 import asyncio
 import contextlib
 import gzip
+import hashlib
 import json
+import math
 import random
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -48,6 +51,7 @@ class ProviderDouble:
         self._stopping = asyncio.Event()
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self._openai)
+        self.app.router.add_post("/v1/embeddings", self._embeddings)
         self.app.router.add_post("/{version}/models/{model}:generateContent", self._gemini)
         self.app.router.add_post("/{version}/models/{model}:streamGenerateContent", self._gemini)
         self.app.router.add_post("/_control/mode", self._control_mode)
@@ -268,6 +272,31 @@ class ProviderDouble:
             tail = []
         return await self._stream("openai", request, mode, events, tail)
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's POST /v1/embeddings: deterministic vectors (a hashed bag of words), steered as "embeddings"."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json"}}, status=400)
+        self._record("embeddings", request, body, False)
+        if not request.headers.get("Authorization", "").startswith("Bearer ") or request.headers["Authorization"] == "Bearer ":
+            return web.json_response({"error": {"message": "no key", "type": "auth", "code": 401}}, status=401)
+        early = await self._before_answer(request, "openai", self.modes.get("embeddings", Mode()))
+        if early is not None:
+            return early
+        texts = body.get("input", [])
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        data = [{"object": "embedding", "index": i, "embedding": hashed_vector(t)} for i, t in enumerate(texts)]
+        tokens = sum(len(t.split()) for t in texts)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", "text-embedding-3-small"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
     async def _gemini(self, request: web.Request) -> web.StreamResponse:
         if self._drop_reused(request, "gemini"):
             raise ConnectionResetError("dropped a reused connection")
@@ -393,6 +422,20 @@ class ProviderDouble:
 
     async def _control_requests(self, request: web.Request) -> web.Response:
         return web.json_response({p: len(self.requests[p]) for p in PROVIDERS})
+
+
+EMBEDDING_DIM = 64
+
+
+def hashed_vector(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
+    """A deterministic unit vector for a text: its lowercased words hashed into `dim` buckets (texts sharing words
+    are close, others orthogonal-ish), enough for tests of the remote embeddings path."""
+    vector = [0.0] * dim
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        bucket = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dim
+        vector[bucket] += 1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
 
 
 def _lp(token: str, logprob: float) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 // The agent console: sign in with an agent key, see the queue, claim, talk, hand back or close.
-import { AGENT_KEY_STORE, byId as $, loadClient, setStatus as setPill, toast } from './ui.js';
+import { AGENT_KEY_STORE, byId as $, citedText, loadClient, setStatus as setPill, sourcesList, toast } from './ui.js';
 
 const RETRY_BASE_MS = 1000;
 const RETRY_MAX_MS = 5000;
@@ -32,7 +32,14 @@ function showMessage(message) {
   li.dataset.role = message.role;
   const bubble = document.createElement('div');
   bubble.className = 'bubble';
-  bubble.append(text('div', 'msg-text', message.content || ''));
+  const body = text('div', 'msg-text', message.content || '');
+  bubble.append(body);
+  if (message.role === 'assistant' && message.sources?.length) {
+    // The knowledge-base entries the answer used, so the agent sees what the customer was told and from where.
+    const anchor = `agent-src-${message.id || state.shown.size}`;
+    citedText(body, body.textContent, message.sources, anchor);
+    bubble.append(sourcesList(message.sources, anchor));
+  }
   const who = { user: 'Customer', assistant: `Assistant${message.provider ? ` (${message.provider})` : ''}`, agent: message.agentName || 'Agent', system: 'System' }[message.role];
   li.append(bubble, text('div', 'meta', `${who} · ${message.createdAt ? new Date(message.createdAt).toLocaleTimeString() : ''}`));
   $('transcript').append(li);
@@ -44,7 +51,8 @@ function renderQueue(queue) {
   $('queue').replaceChildren(...queue.map((entry) => {
     const li = document.createElement('li');
     li.className = 'queue-entry';
-    li.append(text('span', 'trigger', `${entry.trigger} · ${entry.userId || 'visitor'}`));
+    const language = entry.language ? ` · ${entry.language.toUpperCase()}` : '';
+    li.append(text('span', 'trigger', `${entry.trigger} · ${entry.userId || 'visitor'}${language}`));
     li.append(text('span', '', entry.reason || ''));
     for (const p of entry.preview || []) li.append(text('span', 'muted', `${p.role}: ${p.content}`));
     if (entry.summary) li.append(text('span', '', `Summary: ${entry.summary}`));
@@ -72,7 +80,8 @@ async function claimSession(sessionId) {
   $('transcript').replaceChildren();
   $('conv-session').textContent = sessionId.slice(0, 8);
   const info = $('handoff-info');
-  info.textContent = `Escalated by ${ack.trigger}: ${ack.reason || ''} — ${ack.summary || ''}`.replace(BIDI_CONTROLS, '');
+  const language = ack.language ? ` (visitor writes ${ack.language.toUpperCase()})` : '';
+  info.textContent = `Escalated by ${ack.trigger}${language}: ${ack.reason || ''} — ${ack.summary || ''}`.replace(BIDI_CONTROLS, '');
   info.hidden = false;
   ack.transcript.forEach(showMessage);
   setHolding(true);

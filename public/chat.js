@@ -1,5 +1,5 @@
 // The customer chat page: one Socket.IO connection, messages rendered as text, streaming with resume.
-import { byId as $, loadClient, setStatus as setPill, toast } from './ui.js';
+import { byId as $, citedText, loadClient, setStatus as setPill, sourcesList, toast } from './ui.js';
 
 const STORE = { sessionId: 'supportChat.sessionId', token: 'supportChat.token', userId: 'supportChat.userId' };
 const ERRORS = {
@@ -15,6 +15,7 @@ const TRIGGERS = {
   low_confidence: "I'm not sure about my answer, so I've asked a person to check.",
   error: "I couldn't answer right now.",
   user_request: 'You asked for a person.',
+  sentiment: "I'm sorry this has been frustrating: a person from our team can help.",
 };
 
 const state = {
@@ -67,13 +68,21 @@ function row(message) {
   bubble.className = 'bubble';
   const text = document.createElement('div');
   text.className = 'msg-text';
-  text.textContent = message.content || '';
   bubble.append(text);
   const meta = document.createElement('div');
   meta.className = 'meta';
   li.append(bubble, meta);
+  fillText(li, message);
   fillMeta(li, message);
   return li;
+}
+
+// A message's text and, under an answer, the knowledge-base entries it used (its `[n]` markers link to them).
+function fillText(li, message) {
+  const anchor = `src-${message.id || 'new'}`;
+  citedText(li.querySelector('.msg-text'), message.content || '', message.sources, anchor);
+  li.querySelector('.sources')?.remove();
+  if (message.role === 'assistant' && message.sources?.length) li.querySelector('.bubble').append(sourcesList(message.sources, anchor));
 }
 
 // Provider badge, confidence, time, notes and feedback for a row.
@@ -85,6 +94,16 @@ function fillMeta(li, message) {
   if (message.role === 'assistant' && message.provider) {
     add('badge-provider', message.provider);
     if (typeof message.confidence === 'number') add('confidence', `${Math.round(message.confidence * 100)}% sure`);
+  }
+  // Every answer the assistant was unsure of offers a person, whether or not it escalated by itself.
+  const low = Number($('messages').dataset.confidenceThreshold || 0.5);
+  if (message.role === 'assistant' && typeof message.confidence === 'number' && message.confidence < low) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'talk-to-person';
+    b.textContent = 'Talk to a person';
+    b.addEventListener('click', () => askForPerson('The answer did not help'));
+    meta.append(b);
   }
   if (message.stopped) add('note', 'stopped');
   if (message.incomplete) add('note', 'incomplete');
@@ -116,7 +135,7 @@ function show(message) {
   if (message.id && state.shown.has(message.id)) {
     const existing = document.querySelector(`.msg[data-id="${CSS.escape(message.id)}"]`);
     if (existing && message.role !== 'user') {
-      existing.querySelector('.msg-text').textContent = message.content || '';
+      fillText(existing, message);
       fillMeta(existing, message);
     }
     state.streams.delete(message.id);
@@ -296,6 +315,13 @@ function updateCounter() {
   $('counter').textContent = `${box.value.length} / ${box.maxLength}`;
 }
 
+// The visitor asks for a person (the header's button, or the one under an unsure answer).
+async function askForPerson(reason) {
+  const ack = await state.socket.timeout(10000)
+    .emitWithAck('escalate', { sessionId: state.sessionId, reason }).catch(() => null);
+  if (ack && !ack.ok) toast(describe(ack.error));
+}
+
 function wireControls() {
   $('composer-form').addEventListener('submit', submit);
   $('composer').addEventListener('input', updateCounter);
@@ -303,11 +329,7 @@ function wireControls() {
     if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); $('composer-form').requestSubmit(); }
   });
   $('stop').addEventListener('click', () => state.socket.emit('stop-generation', { sessionId: state.sessionId }, () => {}));
-  $('talk-to-human').addEventListener('click', async () => {
-    const ack = await state.socket.timeout(10000)
-      .emitWithAck('escalate', { sessionId: state.sessionId, reason: 'Visitor asked for a human' }).catch(() => null);
-    if (ack && !ack.ok) toast(describe(ack.error));
-  });
+  $('talk-to-human').addEventListener('click', () => askForPerson('Visitor asked for a human'));
   $('new-chat').addEventListener('click', () => { forget(); join(); });
   $('contact-form').addEventListener('submit', async (e) => {
     e.preventDefault();

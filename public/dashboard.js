@@ -48,12 +48,16 @@ function render(days) {
   const conversations = sum((d) => d.conversations);
   const replies = sum((d) => d.replies);
   const escalations = sum((d) => Object.values(d.escalations).reduce((a, b) => a + b, 0));
+  const byTrigger = {};  // keyword, low_confidence, sentiment, error, user_request: what brought people in
+  for (const d of days) for (const [trigger, n] of Object.entries(d.escalations)) byTrigger[trigger] = (byTrigger[trigger] || 0) + n;
+  const triggers = Object.entries(byTrigger).sort((a, b) => b[1] - a[1]).map(([t, n]) => `${t} ${n}`).join(' · ') || '—';
   const up = sum((d) => d.feedback.up);
   const down = sum((d) => d.feedback.down);
   $('totals').replaceChildren(
     total('conversations (30 days)', String(conversations)),
     total('replies', String(replies)),
     total('escalations', String(escalations)),
+    total('escalations by trigger', triggers),
     total('feedback 👍 / 👎', `${up} / ${down}`),
   );
   const pct = (v) => `${Math.round(v * 100)}%`;

@@ -39,3 +39,49 @@ export function loadClient() {
     document.head.append(script);
   });
 }
+
+// A citation in an assistant message's text: `[n]` refers to the message's `sources[n - 1]` (the server numbers them).
+const CITATION = /\[(\d{1,2})\]/g;
+
+// Fills `el` with a message's text, each citation of a listed source as a superscript link to it; text, never HTML.
+// `anchor` prefixes the ids of the source list's items (one per message). Markers with no source stay as text.
+export function citedText(el, content, sources, anchor) {
+  const text = String(content ?? '');
+  const list = Array.isArray(sources) ? sources : [];
+  el.replaceChildren();
+  let at = 0;
+  for (const match of text.matchAll(CITATION)) {
+    const source = list[Number(match[1]) - 1];
+    if (!source) continue;
+    el.append(document.createTextNode(text.slice(at, match.index).replace(/[ \t]+$/, ''))); // a footnote hugs its word
+    const sup = document.createElement('sup');
+    sup.className = 'cite';
+    const link = document.createElement('a');
+    link.href = `#${anchor}-${match[1]}`;
+    link.textContent = match[1];
+    link.title = String(source.title ?? '');
+    link.setAttribute('aria-label', `Source ${match[1]}: ${link.title}`);
+    sup.append(link);
+    el.append(sup);
+    at = match.index + match[0].length;
+  }
+  el.append(document.createTextNode(text.slice(at)));
+}
+
+// The knowledge-base entries an answer used, numbered as its citations, shown under it (titles as text).
+export function sourcesList(sources, anchor) {
+  const box = document.createElement('div');
+  box.className = 'sources';
+  const label = document.createElement('span');
+  label.className = 'sources-label';
+  label.textContent = sources.length > 1 ? 'Sources' : 'Source';
+  const list = document.createElement('ol');
+  sources.forEach((source, i) => {
+    const item = document.createElement('li');
+    item.id = `${anchor}-${i + 1}`;
+    item.textContent = String(source.title ?? '');
+    list.append(item);
+  });
+  box.append(label, list);
+  return box;
+}

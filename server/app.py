@@ -16,11 +16,13 @@ from loguru import logger
 
 from server.ai.chain import ProviderChain
 from server.ai.http import ProviderHTTP
+from server.ai.hybrid import HybridRetriever
 from server.ai.knowledge import KnowledgeBase
 from server.ai.providers.base import AIProvider
 from server.ai.providers.gemini_direct import GeminiDirectProvider
 from server.ai.providers.local import LocalProvider
 from server.ai.providers.openai_direct import OpenAIDirectProvider
+from server.ai.retrieval import Retriever
 from server.app_keys import (
     AGENT_DIRECTORY,
     AGENT_EVENTS,
@@ -35,6 +37,7 @@ from server.app_keys import (
     OPENAPI,
     RATE_LIMITS,
     REDIS,
+    RETRIEVER,
     SCHEMAS,
     SETTINGS,
     SIO,
@@ -42,10 +45,12 @@ from server.app_keys import (
 )
 from server.chat.budgets import BudgetPolicy, Budgets
 from server.chat.escalation import EscalationRules, Escalations
+from server.chat.language import LanguageDetection
 from server.chat.leases import ReplyLeases
 from server.chat.prompt import PromptBuilder
 from server.chat.reply_stream import ReplyStreams
 from server.chat.responder import Finisher, ReplyWriter, Responder
+from server.chat.sentiment import SentimentReader
 from server.chat.service import ChatService
 from server.chat.turns import TurnQueue
 from server.handoff.directory import AgentDirectory
@@ -80,7 +85,9 @@ from server.web.rate_limits import RateLimits
 from server.web.routes import add_routes
 
 
-def build_providers(settings: Settings, knowledge: KnowledgeBase, http: ProviderHTTP | None = None) -> list[AIProvider]:
+def build_providers(
+    settings: Settings, knowledge: KnowledgeBase | Retriever, http: ProviderHTTP | None = None
+) -> list[AIProvider]:
     """The providers named in AI_PROVIDERS, in that order, each on its transport (OPENAI_CLIENT, GEMINI_CLIENT)."""
     pool = http or ProviderHTTP()
     for setting, value in (("OPENAI_CLIENT", settings.openai_client), ("GEMINI_CLIENT", settings.gemini_client)):
@@ -174,8 +181,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[STORAGE] = storage
     provider_http = ProviderHTTP()  # the direct providers' keep-alive pool, opened and closed with the app
+    # One retrieval per user message (hybrid bm25 + embeddings, calibrated): the prompt, the offline provider, the
+    # message's sources and the escalation rules all read it.
+    retriever = HybridRetriever.from_settings(settings, knowledge, provider_http)
+    app[RETRIEVER] = retriever
     chain = ProviderChain(
-        build_providers(settings, knowledge, provider_http),
+        build_providers(settings, retriever, provider_http),
         settings.failover,
         record_attempt=metrics.record_attempt,
         on_first_token=metrics.first_token,
@@ -201,7 +212,7 @@ def create_app(settings: Settings) -> web.Application:
     chat_settings = settings.chat
     leases = ReplyLeases(storage.messages, owner=instance_id, seconds=chat_settings.lease_seconds)
     escalations = Escalations(
-        EscalationRules(settings.escalation_keywords, settings.escalation_confidence_threshold),
+        EscalationRules.from_settings(settings.escalation, SentimentReader()),
         sessions=storage.sessions,
         tickets=storage.tickets,
         store=store,
@@ -210,11 +221,19 @@ def create_app(settings: Settings) -> web.Application:
         handoff=handoff,
     )
     finisher = Finisher(store=store, emitter=emitter, escalations=escalations, leases=leases, metrics=metrics)
+    languages = LanguageDetection(
+        settings.languages,
+        min_confidence=settings.language_min_confidence,
+        min_margin=settings.language_min_margin,
+        low_accuracy=settings.language_accuracy == "low",
+    )
+    languages.warm_up()  # lingua's models load in a background thread (once per process), not on a first visitor
     writer = ReplyWriter(
         chain=chain,
+        retriever=retriever,
         prompts=PromptBuilder(
             settings.system_prompt_file,
-            knowledge,
+            retriever,
             store_name=settings.store_name,
             tone=settings.assistant_tone,
             top_k=settings.knowledge_in_prompt,
@@ -224,6 +243,7 @@ def create_app(settings: Settings) -> web.Application:
         store=store,
         finisher=finisher,
         settings=chat_settings,
+        languages=languages,
     )
     responder = Responder(
         writer=writer,
@@ -335,6 +355,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     for provider in app[CHAIN].providers:
         provider.warm_up()
+    app[RETRIEVER].warm_up()  # with EMBEDDINGS=openai: the entries' remote vectors, in the background
     logger.info(
         "serving on {}:{} with providers {} (redis {})",
         settings.host,
@@ -363,6 +384,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[HANDOFF].aclose()
     for provider in app[CHAIN].providers:
         await provider.aclose()
+    await app[RETRIEVER].aclose()
     manager = app[SIO].manager
     if isinstance(manager, GuardedRedisManager):
         await manager.aclose()

@@ -13,6 +13,7 @@ from server.settings import Settings
 
 if TYPE_CHECKING:  # services never import this module, but some import each other: types only, no cycle
     from server.ai.chain import ProviderChain
+    from server.ai.hybrid import HybridRetriever
     from server.chat.service import ChatService
     from server.handoff.directory import AgentDirectory
     from server.handoff.service import HandoffService
@@ -33,6 +34,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 SCHEMAS: web.AppKey[Schemas] = web.AppKey("schemas")
 STORAGE: web.AppKey[Storage] = web.AppKey("storage")
 CHAIN: web.AppKey[ProviderChain] = web.AppKey("chain")
+RETRIEVER: web.AppKey[HybridRetriever] = web.AppKey("retriever")
 CHAT_SERVICE: web.AppKey[ChatService] = web.AppKey("chat_service")
 CUSTOMER_EVENTS: web.AppKey[CustomerEvents] = web.AppKey("customer_events")
 HEALTH: web.AppKey[HealthService] = web.AppKey("health")

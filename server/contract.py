@@ -27,16 +27,24 @@ HELD_BY_PEOPLE = frozenset({SessionState.WAITING_AGENT, SessionState.AGENT})  # 
 
 
 class Trigger(StrEnum):
-    """Why a conversation was escalated: the contract's four triggers."""
+    """Why a conversation was escalated: the contract's five triggers."""
 
     KEYWORD = "keyword"
     LOW_CONFIDENCE = "low_confidence"
     ERROR = "error"
     USER_REQUEST = "user_request"
+    SENTIMENT = "sentiment"  # the visitor reads clearly upset: strongly negative, insulting, or negative again and again
 
 
 Role = Literal["user", "assistant", "agent", "system"]
 TicketStatus = Literal["open", "resolved"]
+
+
+class MessageSource(TypedDict):
+    """A knowledge-base entry an assistant message used; `[n]` in the message's content is its `sources[n - 1]`."""
+
+    id: str
+    title: str
 
 
 class Message(TypedDict):
@@ -54,6 +62,7 @@ class Message(TypedDict):
     stopped: NotRequired[bool]
     incomplete: NotRequired[bool]
     agentName: NotRequired[str]
+    sources: NotRequired[list[MessageSource]]  # assistant messages only; [] when no knowledge-base entry was used
 
 
 class EscalationRecord(TypedDict):
@@ -82,6 +91,7 @@ class QueueEntry(TypedDict):
     preview: list[PreviewLine]
     waitingSince: str
     summary: str | None
+    language: NotRequired[str | None]  # the visitor's language (ISO 639-1), None when not known
 
 
 class Ticket(TypedDict):

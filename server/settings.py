@@ -11,21 +11,34 @@ from environs import Env
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_KEYWORDS = (
-    "urgent",
-    "emergency",
-    "complaint",
-    "refund",
+# Words that escalate a message at once (whole words, any case): a visitor asking for a person, and words too serious
+# for the AI to handle alone. Ordinary support words ("refund", "return", "complaint", "urgent") are not here: the
+# knowledge base answers them, and a visitor who is upset is offered a person by the sentiment trigger instead.
+PERSON_KEYWORDS = (
     "human",
     "agent",
+    "real person",
+    "speak to a person",
+    "talk to a person",
+    "representative",
+    "speak to someone",
+    "talk to someone",
     "manager",
     "supervisor",
-    "lawyer",
-    "fraud",
-    "cancel my account",
-    "speak to a person",
-    "real person",
 )
+SEVERE_KEYWORDS = (
+    "lawyer",
+    "attorney",
+    "legal action",
+    "lawsuit",
+    "fraud",
+    "scam",
+    "chargeback",
+    "police",
+    "stolen card",
+    "identity theft",
+)
+DEFAULT_KEYWORDS = PERSON_KEYWORDS + SEVERE_KEYWORDS
 
 
 class Secret:
@@ -98,6 +111,18 @@ class FailoverSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EscalationSettings:
+    """When a conversation needs a person: keywords, misses in a row, and how upset a visitor may read."""
+
+    keywords: tuple[str, ...] = DEFAULT_KEYWORDS
+    confidence_threshold: float = 0.5  # an in-scope reply below it is a miss (ESCALATION_CONFIDENCE_THRESHOLD)
+    misses_in_a_row: int = 2  # misses in a row that escalate (ESCALATION_MISSES_IN_A_ROW; 1: every miss)
+    sentiment_threshold: float = -0.8  # SENTIMENT_THRESHOLD (-1: the at-once rule is off)
+    negative_threshold: float = -0.5  # SENTIMENT_NEGATIVE_THRESHOLD
+    negatives_in_a_row: int = 3  # SENTIMENT_NEGATIVES_IN_A_ROW (0: off)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of the server; defaults are the contract's."""
 
@@ -123,6 +148,18 @@ class Settings:
     max_message_length: int = 4000
     escalation_keywords: tuple[str, ...] = DEFAULT_KEYWORDS
     escalation_confidence_threshold: float = 0.5
+    # In-scope replies below the threshold in a row before `low_confidence` escalates (1: at the first one)
+    escalation_misses_in_a_row: int = 2
+    # The sentiment trigger, on VADER's compound score (-1..1) of each visitor message: at or below the threshold a
+    # person is offered at once (-1: never), as for a message with words of anger or insult that is not positive
+    sentiment_threshold: float = -0.8
+    sentiment_negative_threshold: float = -0.5  # at or below this (or angry words) a message counts as negative
+    sentiment_negatives_in_a_row: int = 3  # negative messages in a row that escalate too (0: never)
+    # Languages the visitor's messages are told apart in (ISO 639-1; empty: no detection), and how sure it must be
+    languages: tuple[str, ...] = ("en", "es", "de", "fr", "it", "pt", "nl")
+    language_min_confidence: float = 0.6
+    language_min_margin: float = 0.35  # ... or how far ahead of the second language it must be
+    language_accuracy: str = "high"  # lingua's mode: `high` (~28 MB of models per language) or `low` (fast, small, unsure)
     session_timeout_ms: int = 1_800_000
     log_level: str = "INFO"
     log_format: str = "text"
@@ -135,6 +172,12 @@ class Settings:
     system_prompt_file: Path = PROJECT_ROOT / "config" / "system_prompt.md"
     knowledge_dir: Path = PROJECT_ROOT / "config" / "knowledge"
     knowledge_in_prompt: int = 3
+    # Dense embeddings of the knowledge base: `wordllama` (offline, shipped in its wheel; what config/calibration.json
+    # was fitted on) or `openai` (text-embedding-3-small, needs OPENAI_API_KEY; the offline model stays the fallback)
+    embeddings: str = "wordllama"
+    openai_embedding_model: str = "text-embedding-3-small"
+    embeddings_timeout: float = 1.0  # seconds for a question's remote embedding before the offline one is used
+    calibration_file: Path = PROJECT_ROOT / "config" / "calibration.json"
     ws_compression: bool = False
     max_body_bytes: int = 64 * 1024
     socket_max_packet_bytes: int = 1_000_000
@@ -211,6 +254,18 @@ class Settings:
         )
 
     @property
+    def escalation(self) -> EscalationSettings:
+        """The escalation rules' settings."""
+        return EscalationSettings(
+            keywords=self.escalation_keywords,
+            confidence_threshold=self.escalation_confidence_threshold,
+            misses_in_a_row=max(1, self.escalation_misses_in_a_row),
+            sentiment_threshold=self.sentiment_threshold,
+            negative_threshold=self.sentiment_negative_threshold,
+            negatives_in_a_row=max(0, self.sentiment_negatives_in_a_row),
+        )
+
+    @property
     def failover(self) -> FailoverSettings:
         """The provider chain's breakers and watchdog."""
         return FailoverSettings(
@@ -270,6 +325,14 @@ class Settings:
             escalation_confidence_threshold=env.float(
                 "ESCALATION_CONFIDENCE_THRESHOLD", defaults.escalation_confidence_threshold
             ),
+            escalation_misses_in_a_row=env.int("ESCALATION_MISSES_IN_A_ROW", defaults.escalation_misses_in_a_row),
+            sentiment_threshold=env.float("SENTIMENT_THRESHOLD", defaults.sentiment_threshold),
+            sentiment_negative_threshold=env.float("SENTIMENT_NEGATIVE_THRESHOLD", defaults.sentiment_negative_threshold),
+            sentiment_negatives_in_a_row=env.int("SENTIMENT_NEGATIVES_IN_A_ROW", defaults.sentiment_negatives_in_a_row),
+            languages=tuple(c.strip().lower() for c in env.list("LANGUAGES", list(defaults.languages)) if c.strip()),
+            language_min_confidence=env.float("LANGUAGE_MIN_CONFIDENCE", defaults.language_min_confidence),
+            language_min_margin=env.float("LANGUAGE_MIN_MARGIN", defaults.language_min_margin),
+            language_accuracy=env.str("LANGUAGE_ACCURACY", defaults.language_accuracy).strip().lower(),
             session_timeout_ms=env.int("SESSION_TIMEOUT", defaults.session_timeout_ms),
             log_level=env.str("LOG_LEVEL", defaults.log_level).upper(),
             log_format=env.str("LOG_FORMAT", defaults.log_format).lower(),
@@ -282,6 +345,10 @@ class Settings:
             system_prompt_file=Path(env.str("SYSTEM_PROMPT_FILE", str(defaults.system_prompt_file))),
             knowledge_dir=Path(env.str("KNOWLEDGE_DIR", str(defaults.knowledge_dir))),
             knowledge_in_prompt=env.int("KNOWLEDGE_IN_PROMPT", defaults.knowledge_in_prompt),
+            embeddings=env.str("EMBEDDINGS", defaults.embeddings).strip().lower(),
+            openai_embedding_model=env.str("OPENAI_EMBEDDING_MODEL", defaults.openai_embedding_model),
+            embeddings_timeout=env.float("EMBEDDINGS_TIMEOUT", defaults.embeddings_timeout),
+            calibration_file=Path(env.str("CALIBRATION_FILE", str(defaults.calibration_file))),
             ws_compression=env.bool("WS_COMPRESSION", defaults.ws_compression),
             socket_max_packet_bytes=env.int("SOCKET_MAX_PACKET_BYTES", defaults.socket_max_packet_bytes),
             socket_connect_timeout=env.float("SOCKET_CONNECT_TIMEOUT", defaults.socket_connect_timeout),

@@ -144,7 +144,7 @@ async def test_rate_limit_retry_after_opens_the_circuit_for_that_long(start_serv
     assert (await ask(client, session_id, "q"))["message"]["provider"] == "openai"
 
 
-@pytest.mark.parametrize("text", ["This is URGENT!", "I want a Refund", "let me talk to a human please"])
+@pytest.mark.parametrize("text", ["I will call my LAWYER!", "This is Fraud", "let me talk to a human please"])
 async def test_keyword_escalation(server, connect, text) -> None:
     client, session_id, _ = await joined_client(connect, server.url)
     received = await ask(client, session_id, text)
@@ -162,7 +162,9 @@ async def test_keywords_match_whole_words_only(server, connect) -> None:
 async def test_low_confidence_escalates_and_null_confidence_does_not(server, connect, double) -> None:
     client, session_id, _ = await joined_client(connect, server.url)
     double.set_mode("openai", "low_logprobs")
-    received = await ask(client, session_id, "what about this?")
+    first = await ask(client, session_id, "How long does standard shipping take?")
+    assert first["message"]["confidence"] < 0.5 and first["escalation"] is None  # one miss: the visitor may rephrase
+    received = await ask(client, session_id, "how many days does normal shipping take?")
     assert received["message"]["confidence"] < 0.5
     assert received["escalation"]["trigger"] == "low_confidence"
 

@@ -24,7 +24,7 @@ from server.chat.responder import _turns
 from server.contract import Message, new_message
 from server.ops.metrics import Metrics
 from server.storage.errors import OverLimit
-from server.storage.messages import BudgetCharge, BudgetSettlement, MessageStore
+from server.storage.messages import BudgetCharge, BudgetSettlement, FinishedReply, MessageStore, Streaks
 from server.storage.rate_limits import RateLimitStore
 from server.storage.scripts import HotScript, SharedConnection
 from server.storage.sessions import SessionStore
@@ -123,9 +123,12 @@ async def test_a_reservation_is_settled_with_the_reply_even_when_the_session_is_
     reply: Message = new_message(session_id, "assistant", "hello")
     settle = BudgetSettlement(("a", "b"), -4, 60)
     bookkeeping: dict[str, Any] = {"attempts": [("openai", False)], "provider": "openai", "confidence": None}
-    used = await store.finish_reply(session_id, [reply], streamed_id=None, latency_ms=5, tokens=6, settle=settle, **bookkeeping)
-    assert used == 6 and [int(await client.get(k) or 0) for k in ("a", "b")] == [6, 6]
-    assert await store.finish_reply(session_id, [reply], streamed_id=None, latency_ms=5, tokens=6, **bookkeeping) is None
+    finished = await store.finish_reply(
+        session_id, [reply], streamed_id=None, latency_ms=5, tokens=6, settle=settle, **bookkeeping
+    )
+    assert finished.used == 6 and [int(await client.get(k) or 0) for k in ("a", "b")] == [6, 6]
+    again = await store.finish_reply(session_id, [reply], streamed_id=None, latency_ms=5, tokens=6, **bookkeeping)
+    assert again.used is None
     await client.delete(f"chat:session:{{{session_id}}}")
     with pytest.raises(Exception, match=session_id):
         await store.finish_reply(session_id, [], streamed_id=None, latency_ms=5, tokens=6, settle=settle, **bookkeeping)
@@ -238,3 +241,25 @@ async def test_a_session_lock_is_held_renewed_and_released_by_its_holder_only(cl
     await first.release()
     assert await waiting  # took it once the first holder let go
     await store.aclose()
+
+
+async def test_the_misses_and_negatives_in_a_row_ride_on_the_finish(client: aioredis.Redis) -> None:
+    """The escalation rules' counts move in finish_reply's round trip: one more, start over, untouched; a count that
+    reaches its limit is reported and starts over."""
+    store = MessageStore(client, 3600)
+    session_id = await _session(client)
+    bookkeeping: dict[str, Any] = {"attempts": [], "provider": "local", "confidence": 0.2, "latency_ms": 5, "tokens": 0}
+
+    async def finish(streaks: Streaks | None) -> FinishedReply:
+        reply: Message = new_message(session_id, "assistant", "hello")
+        return await store.finish_reply(session_id, [reply], streamed_id=None, streaks=streaks, **bookkeeping)
+
+    first = await finish(Streaks(miss=True, negative=True, misses_limit=2, negatives_limit=3))
+    assert (first.misses, first.negatives) == (1, 1)
+    untouched = await finish(Streaks(miss=None, negative=None, misses_limit=2, negatives_limit=3))
+    assert (untouched.misses, untouched.negatives) == (1, 1)
+    second = await finish(Streaks(miss=True, negative=False, misses_limit=2, negatives_limit=3))
+    assert (second.misses, second.negatives) == (2, 0)  # reported at its limit, then starts over
+    after = await finish(Streaks(miss=None, negative=None, misses_limit=2, negatives_limit=3))
+    assert (after.misses, after.negatives) == (0, 0)
+    assert (await finish(None)).misses is None

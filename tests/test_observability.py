@@ -35,7 +35,7 @@ async def test_metrics_count_traffic_providers_breakers_and_escalations(server, 
     assert sample(text, "support_write_behind_depth") == 0
     assert sample(text, "support_redis_command_seconds_count") >= 1
     assert "sk-test-openai-key" not in text
-    sent = await client.call("send-message", {"sessionId": session_id, "message": "I want a refund"})
+    sent = await client.call("send-message", {"sessionId": session_id, "message": "I want to talk to a human"})
     await client.reply_to(sent["messageId"])
     _, text = await http.get_text(f"{server.url}/metrics")
     assert sample(text, 'support_escalations_total{trigger="keyword"}') == 1

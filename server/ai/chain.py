@@ -12,6 +12,7 @@ from loguru import logger
 
 from server.ai.breaker import CircuitBreaker, claim_panic_probe
 from server.ai.providers.base import AIProvider, ProviderError, ProviderRequest, TextDelta
+from server.ai.retrieval import Source
 from server.settings import FailoverSettings
 
 
@@ -42,6 +43,7 @@ class ChainDone:
     input_tokens: int
     output_tokens: int
     attempts: tuple[tuple[str, bool], ...] = ()
+    sources: tuple[Source, ...] = ()  # the entries the provider says it answered from (Finished.sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,7 @@ class ProviderChain:
                             event.input_tokens,
                             event.output_tokens,
                             tuple(attempts),
+                            event.sources,
                         )
                         return
             except ProviderError as err:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
+from rapidfuzz import process
+from rapidfuzz.distance import OSA
 
 QUESTION_WEIGHT = 3.0
 ANSWER_WEIGHT = 1.0
@@ -42,6 +44,9 @@ MAX_QUERY_TERMS = 32
 MAX_TERM_CHARS = 40
 CANDIDATES = 50
 TOKENIZER = "porter unicode61 remove_diacritics 2"
+SPELL_MIN_CHARS = 4  # shorter unknown words are left alone ("pc", "ok"): too many near neighbours
+SPELL_LONG_CHARS = 8  # from this length two edits are forgiven ("furnature"), below it one ("oder", "parcle")
+SPELL_MAX_WORDS = 8  # unknown words looked up per message, at most
 
 _TOKEN = re.compile(r"[^\W_]+")
 _HEADING = re.compile(r"^(#{1,2})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
@@ -136,8 +141,12 @@ class KnowledgeBase:
         # The entries only change on `reload`, so the rows holding a word are looked up once (every user message
         # searches the base for the prompt, and most words recur).
         self._rows = functools.lru_cache(maxsize=8192)(self._matching_rows)
+        self._spelled = functools.lru_cache(maxsize=8192)(self._nearest_word)
         self.generation = 0  # bumped by every reload: what was derived from the entries is stale
         self._entries: tuple[KnowledgeEntry, ...] = ()
+        self._keywords: tuple[str, ...] = ()
+        self._vocabulary: list[str] = []
+        self._vocabulary_set: frozenset[str] = frozenset()
         self._heads: frozenset[str] = frozenset()
         self._load(entries, keywords)
 
@@ -147,11 +156,13 @@ class KnowledgeBase:
             self._db.execute("DELETE FROM kb")
             self._load(entries, keywords)
             self._rows.cache_clear()
+            self._spelled.cache_clear()
             self.generation += 1
 
     def _load(self, entries: Sequence[KnowledgeEntry], keywords: Sequence[str]) -> None:
         self._entries = tuple(entries)
         extra = [*keywords, *([""] * max(0, len(self._entries) - len(keywords)))]
+        self._keywords = tuple(extra[: len(self._entries)])
         self._db.executemany(
             "INSERT INTO kb(rowid, question, answer, keywords) VALUES (?, ?, ?, ?)",
             [(i, e.question, e.answer, f"{e.topic} {extra[i]}") for i, e in enumerate(self._entries)],
@@ -161,6 +172,10 @@ class KnowledgeBase:
         # stem of an ASCII word of five letters or more starts with the word's own first two (checked over 140,000
         # words), so a word whose first two letters start no term matches no entry, and is known without a query.
         self._heads = frozenset(term[:2] for (term,) in self._db.execute("SELECT term FROM kb_terms"))
+        # The words the entries are written in, unstemmed: what a misspelt word of a question is corrected to.
+        vocabulary = {w for i, e in enumerate(self._entries) for w in terms(f"{e.topic} {e.question} {e.answer} {extra[i]}")}
+        self._vocabulary = sorted(w for w in vocabulary if w.isalpha())
+        self._vocabulary_set = frozenset(self._vocabulary)
 
     @classmethod
     def from_directory(cls, path: Path, *, store_name: str = "Northwind Goods") -> KnowledgeBase:
@@ -190,6 +205,11 @@ class KnowledgeBase:
         """Every loaded entry, in file order."""
         return self._entries
 
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        """Each entry's `Keywords:` line (space-separated), in entry order: extra text for embeddings too."""
+        return self._keywords
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -212,8 +232,8 @@ class KnowledgeBase:
         """The query's words (as `search` takes them) that some entry holds, in order.
 
         The others change a match's score but never which entries match nor their order (a word no entry holds
-        adds nothing to any entry's bm25, and scales every candidate's coverage alike), so the entries a prompt
-        shows for a query are those `search_terms` finds for these: the key a prompt's knowledge is cached under.
+        adds nothing to any entry's bm25, and scales every candidate's coverage alike). The retriever reads the
+        share of a question's words the base knows as a sign of being in scope, and spelling skips known words.
         """
         words = terms(query if isinstance(query, str) else str(query))[:MAX_QUERY_TERMS]
         if not words or not self._entries:
@@ -229,6 +249,28 @@ class KnowledgeBase:
         except sqlite3.Error as err:  # as in search
             logger.warning("knowledge base search failed: {}", err)
             return ()
+
+    def spelled(self, text: str) -> str:
+        """The text with each word no entry holds replaced by the entries' closest word, if it is one typo away.
+
+        One edit (insertion, deletion, substitution or swap of neighbours) for words under SPELL_LONG_CHARS
+        letters, two from there: "wheres my oder" reads "wheres my order", "furnature" "furniture". Words the
+        base knows, short words and words with no close neighbour are left as they are.
+        """
+        if not isinstance(text, str) or not self._vocabulary:
+            return text if isinstance(text, str) else str(text)
+        vocabulary = self._vocabulary_set
+        unknown = [w for w in terms(text) if len(w) >= SPELL_MIN_CHARS and w.isalpha() and w not in vocabulary]
+        unknown = [w for w in unknown[:MAX_QUERY_TERMS] if w not in self.known_terms(w)][:SPELL_MAX_WORDS]
+        fixes = {w: fixed for w in unknown if (fixed := self._spelled(w)) is not None}
+        if not fixes:
+            return text
+        return _TOKEN.sub(lambda m: fixes.get(m.group(0).casefold(), m.group(0)), unicodedata.normalize("NFKC", text))
+
+    def _nearest_word(self, word: str) -> str | None:
+        limit = 2 if len(word) >= SPELL_LONG_CHARS else 1
+        found = process.extractOne(word, self._vocabulary, scorer=OSA.distance, score_cutoff=limit)
+        return None if found is None else str(found[0])
 
     def _search(self, words: list[str], limit: int) -> list[KnowledgeMatch]:
         rows_with = {word: self._rows(_phrase(word)) for word in words}

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from loguru import logger
 
+from server.ai.retrieval import Verdict
+from server.chat.sentiment import ANGRY_AT_MOST, NEUTRAL, Mood, SentimentReader
 from server.contract import HELD_BY_PEOPLE, EscalationRecord, SessionState, Trigger, now_iso
 from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
+from server.settings import PERSON_KEYWORDS, EscalationSettings
 from server.storage.errors import STORAGE_DOWN
 from server.storage.sessions import SessionStore
 from server.storage.tickets import TicketStore
@@ -39,17 +42,67 @@ class Escalation:
         return cls(record["sessionId"], Trigger(record["trigger"]), record["reason"], record.get("createdAt") or now_iso())
 
 
-class EscalationRules:
-    """Decides the four contract triggers; the chat service only asks."""
+OUT_OF_SCOPE = frozenset({Verdict.OFF_TOPIC, Verdict.SMALL_TALK})  # answered with a scope note; never a person
 
-    def __init__(self, keywords: tuple[str, ...], confidence_threshold: float) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What one answered message says for the counts in a row: a miss or an answer (None: neither), a negative
+    message or not, and the message's mood."""
+
+    miss: bool | None
+    negative: bool | None
+    mood: Mood
+
+
+class EscalationRules:
+    """Decides the contract's triggers; the chat layer only asks.
+
+    - `keyword`: a visitor asking for a person ("human", "agent", ...) or a severe word (lawyer, fraud, ...);
+      ordinary support words ("refund") are answered, not escalated.
+    - `low_confidence`: an in-scope question answered below the threshold (a miss), by default the second miss in
+      a row (the visitor rephrased once and it still failed); off-topic and small talk never count.
+    - `sentiment`: the visitor reads clearly upset (very negative, or angry words), or negative again and again.
+    - `error` and `user_request`: every provider failed; the visitor pressed "Talk to a person".
+    """
+
+    def __init__(
+        self,
+        keywords: tuple[str, ...],
+        confidence_threshold: float,
+        *,
+        misses_in_a_row: int = 1,
+        sentiment: SentimentReader | None = None,
+        sentiment_threshold: float = -1.0,
+        negative_threshold: float = -0.5,
+        negatives_in_a_row: int = 0,
+    ) -> None:
         self.confidence_threshold = confidence_threshold
+        self.misses_in_a_row = max(1, misses_in_a_row)
+        self._sentiment = sentiment
+        self.sentiment_threshold = sentiment_threshold
+        self.negative_threshold = negative_threshold
+        self.negatives_in_a_row = max(0, negatives_in_a_row)
+        self._person = {keyword.lower() for keyword in PERSON_KEYWORDS}
         words = [(keyword, r"\s+".join(map(re.escape, keyword.split()))) for keyword in keywords if keyword.strip()]
         self._keywords = [(keyword, re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)) for keyword, body in words]
         # Whether any keyword is there at all, in one scan (a sixth of the time of one search per keyword): most
         # messages have none. It matches exactly when one of the patterns above would.
         alternatives = "|".join(body for _, body in words)
         self._any = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)" if words else "(?!)", re.IGNORECASE)
+
+    @classmethod
+    def from_settings(cls, settings: EscalationSettings, sentiment: SentimentReader | None = None) -> EscalationRules:
+        """The rules as configured (SentimentReader: the sentiment trigger is on)."""
+        return cls(
+            settings.keywords,
+            settings.confidence_threshold,
+            misses_in_a_row=settings.misses_in_a_row,
+            sentiment=sentiment,
+            sentiment_threshold=settings.sentiment_threshold,
+            negative_threshold=settings.negative_threshold,
+            negatives_in_a_row=settings.negatives_in_a_row,
+        )
 
     def keyword_in(self, text: str) -> str | None:
         """The first escalation keyword (in the configured order) found as a whole word, in any case."""
@@ -61,22 +114,65 @@ class EscalationRules:
         return None
 
     def for_user_message(self, session_id: str, text: str) -> Escalation | None:
-        """A keyword in what the visitor wrote."""
+        """A keyword in what the visitor wrote: asking for a person, or a word too serious for the AI alone."""
         keyword = self.keyword_in(text)
         if keyword is None:
             return None
-        return Escalation(session_id, Trigger.KEYWORD, f"The message mentions “{keyword}”.", now_iso())
+        if keyword.lower() in self._person:
+            reason = f"The visitor asks for a person (“{keyword}”)."
+        else:
+            reason = f"The message mentions “{keyword}”."
+        return Escalation(session_id, Trigger.KEYWORD, reason, now_iso())
 
-    def for_reply(self, session_id: str, confidence: float | None) -> Escalation | None:
-        """A reply the model itself was unsure of; no signal (None) never counts as low."""
-        if confidence is None or confidence >= self.confidence_threshold:
+    def signals(self, text: str, confidence: float | None, verdict: Verdict | None) -> Signals:
+        """What an answered message counts for: a miss (in scope, below the threshold) or an answer (at or above
+        it) (no confidence signal, off-topic or small talk: neither), and whether the visitor's message reads
+        negative (None: the sentiment trigger is off)."""
+        if confidence is None or verdict in OUT_OF_SCOPE:
+            miss = None
+        else:
+            miss = confidence < self.confidence_threshold
+        if self._sentiment is None:
+            return Signals(miss, None, NEUTRAL)
+        mood = self._sentiment.read(text)
+        negative = mood.score <= self.negative_threshold or (mood.angry_words and mood.score <= ANGRY_AT_MOST)
+        return Signals(miss, negative, mood)
+
+    def for_sentiment(self, session_id: str, mood: Mood, negatives: int | None) -> Escalation | None:
+        """A visitor who reads clearly upset now, or negative `negatives_in_a_row` times in a row."""
+        if self._sentiment is None:
             return None
-        return Escalation(
-            session_id,
-            Trigger.LOW_CONFIDENCE,
-            f"The answer's confidence {confidence:.2f} is below {self.confidence_threshold:.2f}.",
-            now_iso(),
-        )
+        if self.sentiment_threshold > -1.0:
+            if mood.score <= self.sentiment_threshold:
+                reason = f"The visitor's message reads very negative (sentiment {mood.score:.2f})."
+                return Escalation(session_id, Trigger.SENTIMENT, reason, now_iso())
+            if mood.angry_words and mood.score <= ANGRY_AT_MOST:
+                reason = f"The visitor sounds upset: words of anger or insult (sentiment {mood.score:.2f})."
+                return Escalation(session_id, Trigger.SENTIMENT, reason, now_iso())
+        if self.negatives_in_a_row and negatives is not None and negatives >= self.negatives_in_a_row:
+            reason = f"The visitor's last {negatives} messages in a row read negative (sentiment {mood.score:.2f})."
+            return Escalation(session_id, Trigger.SENTIMENT, reason, now_iso())
+        return None
+
+    def for_reply(
+        self, session_id: str, confidence: float | None, *, misses: int | None = None, verdict: Verdict | None = None
+    ) -> Escalation | None:
+        """A reply the assistant was unsure of, to an in-scope question: escalated at the `misses_in_a_row`-th miss
+        in a row (`misses`: the count with this one; None unknown, which escalates only when one miss is enough).
+        No signal (None) never counts as low; off-topic and small talk never escalate."""
+        if verdict in OUT_OF_SCOPE or confidence is None or confidence >= self.confidence_threshold:
+            return None
+        needed = self.misses_in_a_row
+        if needed > 1 and (misses is None or misses < needed):
+            return None
+        if needed > 1:
+            reason = (
+                f"{_ordinal(misses or needed)} answer in a row below {self.confidence_threshold:.2f} "
+                f"(confidence {confidence:.2f}): the visitor rephrased and the assistant still could not answer."
+            )
+        else:
+            reason = f"The answer's confidence {confidence:.2f} is below {self.confidence_threshold:.2f}."
+        return Escalation(session_id, Trigger.LOW_CONFIDENCE, reason, now_iso())
 
     @staticmethod
     def for_failure(session_id: str, reason: str = "Every AI provider failed.") -> Escalation:
@@ -87,6 +183,11 @@ class EscalationRules:
     def for_user_request(session_id: str, reason: str | None) -> Escalation:
         """The visitor asked for a person."""
         return Escalation(session_id, Trigger.USER_REQUEST, reason or "The visitor asked for a human.", now_iso())
+
+
+def _ordinal(n: int) -> str:
+    """'Second', 'Third', ... for the reasons agents read."""
+    return {1: "First", 2: "Second", 3: "Third", 4: "Fourth", 5: "Fifth"}.get(n, f"{n}th")
 
 
 class Escalations:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +18,17 @@ from typing import Any
 from loguru import logger
 
 from server.ai.chain import LOCAL_PROVIDER, ChainDelta, ChainDone, ChainFailed, ChainInterrupted, ProviderChain
+from server.ai.knowledge import KnowledgeEntry
 from server.ai.providers.base import ChatTurn, ProviderRequest
+from server.ai.retrieval import Retrieval, Retriever, Source
 from server.chat.budgets import Admission, Budgets, estimate_tokens
+from server.chat.citations import cite
 from server.chat.escalation import Escalations
+from server.chat.language import LanguageDetection
 from server.chat.leases import RECOVERY_ATTEMPTS, ReplyLeases
 from server.chat.prompt import PromptBuilder
 from server.chat.reply_stream import ReplyListener, ReplyStream, ReplyStreams
+from server.chat.translations import answer_in, offline_note
 from server.chat.turns import Turn, TurnResult
 from server.contract import InProgress, Message, SessionState, new_id, new_message, now_iso
 from server.errors import ApiError
@@ -30,7 +36,7 @@ from server.ops.metrics import Metrics
 from server.realtime.emitter import Emitter
 from server.settings import ChatSettings
 from server.storage.errors import STORAGE_DOWN, OverLimit
-from server.storage.messages import BudgetCharge, BudgetSettlement, BudgetVerdict, MessageStore
+from server.storage.messages import BudgetCharge, BudgetSettlement, BudgetVerdict, MessageStore, Streaks
 from server.storage.write_behind import WriteBehindStore
 
 BUDGET_MESSAGE = (
@@ -52,6 +58,9 @@ class Outcome:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     tokens: int = 0
     attempts: tuple[tuple[str, bool], ...] = ()
+    retrieval: Retrieval | None = None  # what the message retrieved
+    listed: tuple[KnowledgeEntry, ...] | None = None  # what its prompt numbered [1], [2], ... (None: not known)
+    sources: tuple[Source, ...] = ()  # the entries the answer used: the provider's own, else derived from its citations
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,8 @@ class Prepared:
     system_prompt: str
     paid: bool
     charge: BudgetCharge | None
+    retrieval: Retrieval | None = None  # what the message retrieved: the prompt shows it, the local provider answers it
+    language: str | None = None  # the message's language when detected confidently (recorded with the session)
 
 
 @dataclass(slots=True)
@@ -120,6 +131,7 @@ class Responder:
                     reply_id=reply_id,
                     rate_limit=self._settings.messages_per_minute,
                     budget=prepared.charge,
+                    language=prepared.language,
                 )
             except OverLimit as err:
                 wait = err.retry_after
@@ -160,7 +172,9 @@ class Responder:
                     turn.listener,
                     reply_id,
                     system_prompt=prepared.system_prompt,
+                    retrieval=prepared.retrieval,
                     admission=admission,
+                    language=prepared.language or appended.language or None,
                 )
         finally:
             self._leases.drop(session_id)
@@ -194,14 +208,18 @@ class ReplyWriter:
         self,
         *,
         chain: ProviderChain,
+        retriever: Retriever,
         prompts: PromptBuilder,
         budgets: Budgets,
         streams: ReplyStreams,
         store: WriteBehindStore,
         finisher: Finisher,
         settings: ChatSettings,
+        languages: LanguageDetection | None = None,
     ) -> None:
         self._chain = chain
+        self._languages = languages
+        self._retriever = retriever
         self._prompts = prompts
         self._budgets = budgets
         self._streams = streams
@@ -232,11 +250,13 @@ class ReplyWriter:
         return self._budgets.session_spent(session_tokens)
 
     async def prepare(self, session_id: str, text: str) -> Prepared:
-        """Before a new message is stored: its system prompt, and the budget charge its append makes."""
-        system_prompt = self._prompts.system_prompt(text)
+        """Before a new message is stored: its retrieval (once per message), system prompt and budget charge."""
+        retrieval = await self._retriever.retrieve(text)
+        system_prompt = self._prompts.system_prompt(retrieval)
         paid = self._paid()
         charge = await self._budgets.charge_for(session_id, system_prompt, text) if paid else None
-        return Prepared(system_prompt, paid, charge)
+        language = self._languages.detect(text) if self._languages is not None else None
+        return Prepared(system_prompt, paid, charge, retrieval, language)
 
     def admission(self, session_id: str, prepared: Prepared, verdict: BudgetVerdict | None) -> Admission | None:
         """What the append's charge allows (None: nothing was charged though a paid call may be made: `answer` does)."""
@@ -278,19 +298,27 @@ class ReplyWriter:
         *,
         resume_at: int | None = None,
         system_prompt: str | None = None,
+        retrieval: Retrieval | None = None,
         admission: Admission | None = None,
+        language: str | None = None,
     ) -> TurnResult:
         """Answer one stored message; `resume_at`: a reply taken over from a dead process goes on from that chunk.
 
         `admission`: what the message's append charged (see `prepare`); without it the budgets are charged here.
+        `language`: the session's language: models are told to answer in it, an offline answer starts with a note
+        in it (the knowledge base answers in English; a person can help).
         """
         started = time.perf_counter()
         text = user_message["content"]
         # The prompt within MAX_PROMPT_TOKENS; then paid providers only when every token budget has room for it.
-        if system_prompt is None:
-            system_prompt = self._prompts.system_prompt(text)
+        if retrieval is None or system_prompt is None:  # a reply taken over: retrieved again (cached, as a rule)
+            retrieval = await self._retriever.retrieve(text)
+            system_prompt = self._prompts.system_prompt(retrieval)
+        instruction = answer_in(language)
+        if instruction is not None:  # after the cached prompt, not in its key: one prompt per question still
+            system_prompt = f"{system_prompt}\n\n{instruction}"
         fitted = self._budgets.fit(system_prompt, _turns(context), text)
-        request = fitted.request
+        request = dataclasses.replace(fitted.request, retrieval=retrieval)
         if admission is None:
             paid = self._paid()
             admission = await self._budgets.admit(session_id, fitted.tokens) if paid else Admission(local_only=False)
@@ -317,7 +345,7 @@ class ReplyWriter:
         await stream.begin()
         try:
             try:
-                outcome = await self._generate(session_id, request, stream, admission)
+                outcome = await self._generate(session_id, request, stream, admission, offline_note(language))
             except asyncio.CancelledError:
                 if not self.shutting_down:
                     raise
@@ -328,6 +356,7 @@ class ReplyWriter:
                     provider=stream.provider,
                     failed=True,
                     reasons=(INTERRUPTED_REASON,),
+                    retrieval=request.retrieval,
                 )
         finally:
             try:
@@ -335,6 +364,8 @@ class ReplyWriter:
             finally:
                 if self._live.get(session_id) is stream:
                     del self._live[session_id]
+        if request.retrieval is not None:  # what a model may cite: see Finisher._cite
+            outcome.listed = self._prompts.listed(request.retrieval)
         if outcome.provider not in (None, LOCAL_PROVIDER) and not outcome.tokens:
             # Stopped or cut mid-answer: the provider billed the prompt and what it wrote, but reported no usage.
             # Charge an estimate, or stop-generation would refund every reservation (a budget bypass).
@@ -342,9 +373,11 @@ class ReplyWriter:
         settle = self._budgets.settlement(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
         return await self._finisher.finish(session_id, user_message, reply_id, outcome, started, stream, settle=settle)
 
-    async def _generate(self, session_id: str, request: ProviderRequest, stream: ReplyStream, admission: Admission) -> Outcome:
+    async def _generate(
+        self, session_id: str, request: ProviderRequest, stream: ReplyStream, admission: Admission, note: str | None = None
+    ) -> Outcome:
         """Run the chain in its own task so `stop-generation` can cancel exactly that."""
-        task = asyncio.create_task(self._consume(request, stream, local_only=admission.local_only))
+        task = asyncio.create_task(self._consume(request, stream, local_only=admission.local_only, note=note))
         generation = _Generation(task)
         self._generating[session_id] = generation
         try:
@@ -353,26 +386,38 @@ class ReplyWriter:
             current = asyncio.current_task()
             if not generation.stop_requested or (current is not None and current.cancelling()):
                 raise
-            return Outcome(text=stream.text + stream.unsent, provider=stream.provider, stopped=True)
+            return Outcome(text=stream.text + stream.unsent, provider=stream.provider, stopped=True, retrieval=request.retrieval)
         finally:
             if self._generating.get(session_id) is generation:
                 del self._generating[session_id]
 
-    async def _consume(self, request: ProviderRequest, stream: ReplyStream, *, local_only: bool) -> Outcome:
+    async def _consume(
+        self, request: ProviderRequest, stream: ReplyStream, *, local_only: bool, note: str | None = None
+    ) -> Outcome:
+        """The chain's events onto the stream; `note` starts an answer of the offline provider (see `answer`)."""
+        noted = False
         async with contextlib.aclosing(self._chain.stream(request, local_only=local_only)) as events:
             async for event in events:
                 if isinstance(event, ChainDelta):
-                    await stream.add(event.text, event.provider, event.reset)
+                    delta = event.text
+                    if event.reset:
+                        noted = False
+                    if note is not None and event.provider == LOCAL_PROVIDER and not noted:
+                        delta, noted = f"{note}\n\n{delta}", True
+                    await stream.add(delta, event.provider, event.reset)
                     await stream.pace()
                 elif isinstance(event, ChainInterrupted):
                     await stream.interrupted(event.provider, event.reason)
                 elif isinstance(event, ChainDone):
+                    noted_text = note is not None and event.provider == LOCAL_PROVIDER
                     return Outcome(
-                        text=event.text,
+                        text=f"{note}\n\n{event.text}" if noted_text else event.text,
                         provider=event.provider,
                         confidence=event.confidence,
                         tokens=event.input_tokens + event.output_tokens,
                         attempts=event.attempts,
+                        retrieval=request.retrieval,
+                        sources=event.sources,
                     )
                 elif isinstance(event, ChainFailed):
                     await stream.close()
@@ -382,6 +427,7 @@ class ReplyWriter:
                         failed=True,
                         reasons=event.reasons,
                         attempts=event.attempts,
+                        retrieval=request.retrieval,
                     )
         raise RuntimeError("provider chain ended without an outcome")
 
@@ -410,6 +456,7 @@ class Finisher:
         settle: BudgetSettlement | None = None,
     ) -> TurnResult:
         """Store the answer (or the failure note) with its budget settlement, tell the room, escalate if the rules say so."""
+        self._cite(session_id, outcome)
         replies = _reply_messages(session_id, user_message["id"], reply_id, outcome)
         rules = self._escalations.rules
         escalation = rules.for_user_message(session_id, user_message["content"])
@@ -418,9 +465,10 @@ class Finisher:
             escalation = escalation or (
                 rules.for_failure(session_id, INTERRUPTED_REASON) if cut else rules.for_failure(session_id)
             )
-        elif not outcome.stopped:
-            escalation = escalation or rules.for_reply(session_id, outcome.confidence)
-        used = await self._store.finish_reply(
+        answered = not outcome.failed and not outcome.stopped
+        verdict = outcome.retrieval.verdict if outcome.retrieval is not None else None
+        signals = rules.signals(user_message["content"], outcome.confidence, verdict) if answered else None
+        stored = await self._store.finish_reply(
             session_id,
             replies,
             streamed_id=reply_id if stream is not None and stream.snapshot_saved else None,
@@ -430,9 +478,19 @@ class Finisher:
             latency_ms=(time.perf_counter() - started) * 1000,
             tokens=outcome.tokens,
             settle=settle,
+            # the session's misses and negative messages in a row move in the same round trip (no extra one)
+            streaks=None
+            if signals is None
+            else Streaks(signals.miss, signals.negative, rules.misses_in_a_row, rules.negatives_in_a_row),
         )
-        if used is not None:
-            self._metrics.tokens_today.set(used)
+        if stored.used is not None:
+            self._metrics.tokens_today.set(stored.used)
+        if signals is not None:
+            escalation = (
+                escalation
+                or rules.for_sentiment(session_id, signals.mood, stored.negatives)
+                or rules.for_reply(session_id, outcome.confidence, misses=stored.misses, verdict=verdict)
+            )
         self._metrics.messages_out.inc(len(replies))
         record = escalation.to_dict() if escalation is not None else None
         for message in replies[:-1]:
@@ -450,6 +508,22 @@ class Finisher:
             f", escalated: {escalation.trigger}" if escalation else "",
         )
         return TurnResult(session_id, user_message, replies[-1], record)
+
+    def _cite(self, session_id: str, outcome: Outcome) -> None:
+        """The answer's sources from its citations; one of an entry its prompt never listed is dropped and counted."""
+        if not outcome.text:
+            return
+        cited = cite(outcome.text, outcome.listed, outcome.sources)
+        if cited.unknown:
+            logger.warning(
+                "session {}: {} cited {} not among the {} entries of its prompt: dropped",
+                session_id,
+                outcome.provider,
+                ", ".join(f"[{n}]" for n in cited.unknown),
+                len(outcome.listed or ()),
+            )
+            self._metrics.child(self._metrics.citations_dropped, outcome.provider or "unknown").inc(len(cited.unknown))
+        outcome.text, outcome.sources = cited.text, cited.sources
 
     async def budget_spent(self, session_id: str, user_message: Message) -> TurnResult:
         """No more AI for this one session: say so, and bring in a person."""
@@ -485,6 +559,7 @@ def _reply_messages(session_id: str, user_message_id: str, message_id: str, outc
             "provider": outcome.provider,
             "confidence": None if outcome.confidence is None else round(outcome.confidence, 4),
             "replyTo": user_message_id,
+            "sources": [{"id": source.id, "title": source.title} for source in outcome.sources],
         }
         if outcome.stopped:
             reply["stopped"] = True

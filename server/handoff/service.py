@@ -78,6 +78,7 @@ class HandoffService:
                 "preview": preview,
                 "waitingSince": now_iso(),
                 "summary": None,
+                "language": session.language,
             }
             if await self._storage.queue.enqueue(session_id, entry):
                 await self._storage.sessions.set_fields(session_id, trigger=escalation.trigger, reason=escalation.reason)
@@ -113,7 +114,7 @@ class HandoffService:
         if entry.get("waitingSince"):
             waited = datetime.now(tz=UTC) - datetime.fromisoformat(entry["waitingSince"].replace("Z", "+00:00"))
             self._metrics.handoff_wait.observe(max(0.0, waited.total_seconds()))
-        fields = await self._storage.sessions.fields(session_id, "summary", "trigger", "reason")
+        fields = await self._storage.sessions.fields(session_id, "summary", "trigger", "reason", "language")
         transcript = await self._storage.messages.transcript(session_id)
         summary = fields["summary"] or entry.get("summary") or self._summarizer.fallback(transcript)
         await self._storage.queue.touch_agent_activity(session_id)
@@ -127,6 +128,7 @@ class HandoffService:
             "trigger": fields["trigger"] or entry.get("trigger"),
             "reason": fields["reason"] or entry.get("reason"),
             "summary": summary,
+            "language": fields["language"] or entry.get("language"),
             "transcript": await self._storage.messages.transcript(session_id),
         }
 

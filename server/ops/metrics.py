@@ -76,6 +76,12 @@ class Metrics:
             registry=r,
         )
         self.prompt_trimmed = Counter("support_prompt_trimmed", "Prompts shortened to fit MAX_PROMPT_TOKENS", registry=r)
+        self.citations_dropped = Counter(
+            "support_citations_dropped",
+            "Citations of knowledge-base entries an answer's prompt did not list (dropped from the text, never a source)",
+            ["provider"],
+            registry=r,
+        )
         self._provider_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._children: dict[tuple[int, str], Any] = {}
 

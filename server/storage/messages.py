@@ -60,6 +60,27 @@ class BudgetSettlement:
 
 
 @dataclass(frozen=True, slots=True)
+class Streaks:
+    """What a reply does to the session's counts of things in a row (see finish_reply.lua): True one more, False
+    start over, None untouched; a count that reaches its limit (0: none) is reported and starts over."""
+
+    miss: bool | None = None  # an in-scope question the assistant could not answer
+    negative: bool | None = None  # a visitor's message that reads negative
+    misses_limit: int = 0
+    negatives_limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedReply:
+    """What storing a finished reply reports: today's global budget counter (None: nothing settled) and the
+    session's counts in a row after this reply (None: not counted, or written later while Redis was away)."""
+
+    used: int | None = None
+    misses: int | None = None
+    negatives: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     """What storing a message did: stored it now, or found the earlier one with the same clientMessageId."""
 
@@ -71,6 +92,7 @@ class AppendResult:
     day_tokens: int = 0
     orphan: dict[str, Any] | None = None  # an earlier message's reply that nobody finished (see append.lua)
     budget: BudgetVerdict | None = None  # what the reply was charged when it was stored, None: nothing was
+    language: str = ""  # the session's language after this message (ISO 639-1; '' none known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +141,11 @@ class MessageStore:
         lease: ReplyLease | None = None,
         rate_limit: int = 0,
         budget: BudgetCharge | None = None,
+        language: str | None = None,
     ) -> AppendResult:
         """Store a message in order; a repeated clientMessageId (or message id) returns the first message instead.
+
+        `language`: the message's language when detected confidently, recorded as the session's (None: keep it).
 
         First the session's messages per minute are counted (`rate_limit`, 0: none): over it, OverLimit and
         nothing else is done. With a `lease`, the reply this message awaits is leased to its owner in the same
@@ -151,6 +176,7 @@ class MessageStore:
             lease.reply_id if lease else "",
             rate_limit,
             RATE_WINDOW_MS,
+            language or "",
         ]
         if budget is not None:
             script_keys += budget.counters
@@ -180,6 +206,7 @@ class MessageStore:
             day_tokens=int(rest[3]) if len(rest) > 3 else 0,
             orphan=orjson.loads(rest[4]) if len(rest) > 4 and rest[4] else None,
             budget=BudgetVerdict(int(verdict[0]), int(verdict[1]), bool(verdict[2]), int(verdict[3])) if verdict else None,
+            language=keys.text(rest[6]) if len(rest) > 6 and rest[6] else "",
         )
 
     async def finish_reply(
@@ -194,12 +221,14 @@ class MessageStore:
         latency_ms: float,
         tokens: int,
         settle: BudgetSettlement | None = None,
-    ) -> int | None:
+        streaks: Streaks | None = None,
+    ) -> FinishedReply:
         """Store an answer and everything counted about it in one round trip (the hot path's second write).
 
-        With `settle`, the reply's budget reservation is corrected in the same step; returns today's global budget
-        counter after that (None: nothing settled). The counters move even when the session is gone; the messages
-        then raise SessionGone.
+        With `settle`, the reply's budget reservation is corrected in the same step (the result's `used`: today's
+        global budget counter after that, None: nothing settled); with `streaks`, the session's misses and negative
+        messages in a row move too and are reported. The counters move even when the session is gone; the
+        messages then raise SessionGone.
         """
         now = time.time()
         day = keys.utc_day()
@@ -219,9 +248,14 @@ class MessageStore:
         ]
         for name, failed in attempts:
             args += [name, "1" if failed else "0"]
+        if streaks is None:
+            args.append(0)
+        else:
+            args += [2, "misses", _step(streaks.miss), streaks.misses_limit]
+            args += ["negatives", _step(streaks.negative), streaks.negatives_limit]
         for message in messages:
             args += [message["id"], orjson.dumps(message)]
-        finished, used = await self._finish(
+        finished, used, *counts = await self._finish(
             keys=[
                 *keys.conversation(session_id),
                 keys.ACTIVE,
@@ -237,7 +271,11 @@ class MessageStore:
         )
         if finished == -1:
             raise SessionGone(session_id)
-        return None if int(used) < 0 else int(used)
+        return FinishedReply(
+            used=None if int(used) < 0 else int(used),
+            misses=int(counts[0]) if streaks is not None else None,
+            negatives=int(counts[1]) if streaks is not None else None,
+        )
 
     # Reads --------------------------------------------------------------------------------------------------
     async def history(self, session_id: str, limit: int, before: str | None = None) -> HistoryPage:
@@ -425,3 +463,8 @@ class SnapshotWriter:
     async def write(self, key: str, value: bytes) -> None:
         """Store `value` under `key` with the session's time to live."""
         await self._shared.execute(scripts.pack(("SET", key, value, "EX", self._ttl_seconds)))
+
+
+def _step(step: bool | None) -> str:
+    """A streak's step as finish_reply.lua reads it."""
+    return "" if step is None else "1" if step else "0"

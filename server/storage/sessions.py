@@ -39,6 +39,7 @@ class Session:
     state: str
     metadata: dict[str, Any]
     client_ip: str | None = None  # where the session was opened from: its requests are charged to that address
+    language: str | None = None  # the visitor's language (ISO 639-1) once a message said it clearly, for agents
 
 
 class SessionStore:
@@ -260,4 +261,5 @@ def _to_session(session_id: str, raw: dict[bytes, bytes]) -> Session:
         state=raw.get(b"state", b"active").decode(),
         metadata=json.loads(raw.get(b"metadata", b"{}")),
         client_ip=raw[b"clientIp"].decode() if b"clientIp" in raw else None,
+        language=raw[b"language"].decode() if raw.get(b"language") else None,
     )

@@ -14,7 +14,15 @@ from loguru import logger
 
 from server.contract import Message
 from server.storage.errors import STORAGE_DOWN, BufferFull, StorageError
-from server.storage.messages import AppendResult, BudgetCharge, BudgetSettlement, MessageStore, ReplyLease
+from server.storage.messages import (
+    AppendResult,
+    BudgetCharge,
+    BudgetSettlement,
+    FinishedReply,
+    MessageStore,
+    ReplyLease,
+    Streaks,
+)
 from server.storage.spool import Spool
 
 RECENT_SESSIONS_KEPT = 5_000
@@ -105,6 +113,7 @@ class WriteBehindStore:
         reply_id: str | None = None,
         rate_limit: int = 0,
         budget: BudgetCharge | None = None,
+        language: str | None = None,
     ) -> AppendResult:
         """Store now when possible, else buffer; the caller carries on either way.
 
@@ -122,6 +131,7 @@ class WriteBehindStore:
                     lease=self.lease_for(reply_id),
                     rate_limit=rate_limit,
                     budget=budget,
+                    language=language,
                 )
             except STORAGE_DOWN as err:
                 logger.warning("redis unreachable ({}): buffering writes", type(err).__name__)
@@ -130,10 +140,11 @@ class WriteBehindStore:
                 return result
         return self._buffer_append(session_id, message, client_message_id, context_size, reply_id)
 
-    async def finish_reply(self, session_id: str, messages: list[Message], **bookkeeping: Any) -> int | None:
+    async def finish_reply(self, session_id: str, messages: list[Message], **bookkeeping: Any) -> FinishedReply:
         """Store an answer with its counters in one round trip; while Redis is away, buffer it whole.
 
-        Returns today's global budget counter when a reservation was settled now (see MessageStore.finish_reply).
+        Reports today's global budget counter and the session's counts in a row when stored now (see
+        MessageStore.finish_reply); a buffered reply reports nothing (its counts move when it is written).
         """
         if not self._pending:
             try:
@@ -151,9 +162,17 @@ class WriteBehindStore:
                 "difference": settle.difference,
                 "ttl": settle.ttl_seconds,
             }
+        streaks: Streaks | None = bookkeeping.get("streaks")
+        if streaks is not None:
+            bookkeeping["streaks"] = {
+                "miss": streaks.miss,
+                "negative": streaks.negative,
+                "misses_limit": streaks.misses_limit,
+                "negatives_limit": streaks.negatives_limit,
+            }
         self._remember_messages(session_id, messages)
         self._queue("finish", session_id, {"messages": messages, "bookkeeping": bookkeeping})
-        return None
+        return FinishedReply()
 
     async def run_or_defer(self, kind: str, session_id: str, body: dict[str, Any]) -> None:
         """Run the replayer registered for `kind` now, or (Redis unreachable, or writes waiting) buffer it."""
@@ -293,6 +312,8 @@ class WriteBehindStore:
             settle = bookkeeping.get("settle")
             if settle is not None:
                 bookkeeping["settle"] = BudgetSettlement(tuple(settle["counters"]), int(settle["difference"]), int(settle["ttl"]))
+            if bookkeeping.get("streaks") is not None:
+                bookkeeping["streaks"] = Streaks(**bookkeeping["streaks"])
             await self.messages.finish_reply(item.session_id, body["messages"], **bookkeeping)
         else:
             await self._replayers[item.kind](item.session_id, body)

@@ -6,9 +6,10 @@ from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from marshmallow import INCLUDE, Schema, fields
+from marshmallow import INCLUDE, Schema, fields, validate
 
 from server import __version__
+from server.contract import Trigger
 from server.schemas import Schemas
 
 
@@ -29,6 +30,11 @@ class ErrorSchema(ResponseSchema):
     error = fields.Nested(ErrorBodySchema, required=True)
 
 
+class SourceSchema(ResponseSchema):
+    id = fields.String(required=True, metadata={"description": "The knowledge-base entry's id."})
+    title = fields.String(required=True, metadata={"description": "The entry's title (its question)."})
+
+
 class MessageSchema(ResponseSchema):
     id = fields.String(required=True)
     sessionId = fields.String(required=True)
@@ -38,11 +44,18 @@ class MessageSchema(ResponseSchema):
     clientMessageId = fields.String()
     provider = fields.String(allow_none=True)
     confidence = fields.Float(allow_none=True)
+    sources = fields.List(
+        fields.Nested(SourceSchema),
+        metadata={
+            "description": "Assistant messages only: the knowledge-base entries the answer used, [] when none. "
+            "A citation `[n]` in `content` refers to `sources[n - 1]`."
+        },
+    )
 
 
 class EscalationSchema(ResponseSchema):
     sessionId = fields.String(required=True)
-    trigger = fields.String(required=True)
+    trigger = fields.String(required=True, validate=validate.OneOf([trigger.value for trigger in Trigger]))
     reason = fields.String(required=True)
     createdAt = fields.String(required=True)
 
@@ -131,6 +144,7 @@ def build_openapi(schemas: Schemas) -> dict[str, Any]:
     spec.components.security_scheme("agentKey", {"type": "http", "scheme": "bearer"})
     for name, schema in {
         "Error": ErrorSchema,
+        "Source": SourceSchema,
         "Message": MessageSchema,
         "Escalation": EscalationSchema,
         "SessionCreated": SessionCreatedSchema,

@@ -61,6 +61,8 @@ def _render(template: str, request: web.Request) -> web.StreamResponse:
             "socketio_integrity": SOCKETIO_INTEGRITY,
             "store_name": settings.store_name,
             "max_message_length": settings.max_message_length,
+            # an answer below it offers "Talk to a person" on the chat page (ESCALATION_CONFIDENCE_THRESHOLD)
+            "confidence_threshold": settings.escalation_confidence_threshold,
             "version": __version__,
         },
     )

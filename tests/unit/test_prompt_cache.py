@@ -1,13 +1,14 @@
-"""The system prompt's knowledge, cached per question as the knowledge base sees it: the same prompt, built once."""
+"""The system prompt, built from the message's retrieval and cached per (entries shown, verdict)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from server.ai.knowledge import MAX_QUERY_TERMS, KnowledgeBase, KnowledgeEntry, _phrase, terms
+from server.ai.hybrid import HybridRetriever, offline_retriever
+from server.ai.knowledge import KnowledgeBase, KnowledgeEntry
+from server.ai.retrieval import RankedEntry, Retrieval, Verdict
 from server.chat.prompt import PromptBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,51 +17,65 @@ TEMPLATE = ROOT / "config" / "system_prompt.md"
 
 
 @pytest.fixture(scope="module")
-def kb() -> KnowledgeBase:
-    return KnowledgeBase.from_directory(KB_DIR)
+def retriever() -> HybridRetriever:
+    return offline_retriever(KnowledgeBase.from_directory(KB_DIR))
 
 
-def _uncached(kb: KnowledgeBase, message: str, top_k: int = 3) -> str:
-    """The prompt as it was built before the cache: a search over every word of the message."""
-    builder = PromptBuilder(TEMPLATE, kb, store_name="Northwind Goods", tone="friendly", top_k=top_k)
-    return builder._build(tuple(terms(message)[:MAX_QUERY_TERMS])) if top_k > 0 else builder._build(())
+def builder(retriever: HybridRetriever, top_k: int = 3) -> PromptBuilder:
+    return PromptBuilder(TEMPLATE, retriever, store_name="Northwind Goods", tone="friendly", top_k=top_k)
 
 
-def _questions(kb: KnowledgeBase) -> list[str]:
-    rng = random.Random(5)
-    vocabulary = [w for e in kb.entries for w in terms(f"{e.question} {e.answer}")]
-    noise = ["[m1234]", "m12", "xxxxxxxxxxxxxxxx", "hello", "pizza", "mars", "zzyzx", "ordering", "Überweisung", "配送"]
-    questions = [e.question for e in kb.entries]
-    for _ in range(400):
-        words = [rng.choice(vocabulary if rng.random() < 0.6 else noise) for _ in range(rng.randint(1, 12))]
-        questions.append(" ".join(words) + rng.choice(["?", "!", "", " please"]))
-    return questions
+@pytest.mark.asyncio
+async def test_the_prompt_numbers_the_retrieved_entries(retriever: HybridRetriever) -> None:
+    retrieval = await retriever.retrieve("Do you sell gift cards?")
+    prompt = builder(retriever).system_prompt(retrieval)
+    for number, match in enumerate(retrieval.matches, start=1):
+        assert f"[{number}] Q: {match.entry.question}\nA: {match.entry.answer}" in prompt
+    assert "Northwind Goods" in prompt and "{knowledge}" not in prompt
 
 
-def test_the_cached_prompt_is_the_prompt_a_search_over_every_word_builds(kb: KnowledgeBase) -> None:
-    builder = PromptBuilder(TEMPLATE, kb, store_name="Northwind Goods", tone="friendly", top_k=3)
-    for question in _questions(kb) * 2:  # the second round comes from the cache
-        assert builder.system_prompt(question) == _uncached(kb, question), question
+@pytest.mark.asyncio
+async def test_spellings_of_one_question_share_a_prompt(retriever: HybridRetriever) -> None:
+    prompts = builder(retriever)
+    first = prompts.system_prompt(await retriever.retrieve("Where is my order?"))
+    assert prompts.system_prompt(await retriever.retrieve("where is my ORDER")) is first
+    assert len(prompts._prompts) == 1
 
 
-def test_known_terms_skips_only_words_no_entry_holds(kb: KnowledgeBase) -> None:
-    for question in _questions(kb):
-        words = terms(question)[:MAX_QUERY_TERMS]
-        assert kb.known_terms(question) == tuple(w for w in words if kb._rows(_phrase(w))), question
+@pytest.mark.asyncio
+async def test_off_topic_and_small_talk_prompts_ask_for_a_scope_answer(retriever: HybridRetriever) -> None:
+    prompts = builder(retriever)
+    off_topic = await retriever.retrieve("What is the capital of France?")
+    assert off_topic.verdict == Verdict.OFF_TOPIC
+    prompt = prompts.system_prompt(off_topic)
+    assert "outside what the store's customer support covers" in prompt and "[1] Q:" not in prompt
+    assert "orders, shipping, returns" in prompt
+    greeting = prompts.system_prompt(await retriever.retrieve("hello!"))
+    assert "greeting" in greeting and "[1] Q:" not in greeting
 
 
-def test_spellings_of_one_question_share_a_prompt(kb: KnowledgeBase) -> None:
-    builder = PromptBuilder(TEMPLATE, kb, store_name="Northwind Goods", tone="friendly", top_k=3)
-    first = builder.system_prompt("Where is my order?")
-    assert builder.system_prompt("where is my ORDER [m1234] xxxxxxxxxxxxxxxx") is first
-    assert builder._prompts and len(builder._prompts) == 1
+def test_unsure_prompts_say_so_and_nothing_found_offers_a_person(retriever: HybridRetriever) -> None:
+    entry = retriever.knowledge.entries[0]
+    prompts = builder(retriever)
+    unsure = prompts.system_prompt(Retrieval((RankedEntry(entry, 0.2),), Verdict.UNSURE))
+    assert "None of them is a sure match" in unsure and f"[1] Q: {entry.question}" in unsure
+    assert "No knowledge base entry matches" in prompts.system_prompt(Retrieval((), Verdict.UNSURE))
 
 
-def test_a_reload_empties_the_cache() -> None:
+@pytest.mark.asyncio
+async def test_top_k_limits_the_entries_shown(retriever: HybridRetriever) -> None:
+    retrieval = await retriever.retrieve("how do I return an item")
+    assert "[2] Q:" not in builder(retriever, top_k=1).system_prompt(retrieval)
+    assert "[1] Q:" not in builder(retriever, top_k=0).system_prompt(retrieval)
+
+
+@pytest.mark.asyncio
+async def test_a_reload_empties_the_caches() -> None:
     kb = KnowledgeBase([KnowledgeEntry("a-1", "Parcels", "Where is my parcel?", "It is on its way, we promise.")])
-    builder = PromptBuilder(TEMPLATE, kb, store_name="S", tone="calm", top_k=3)
-    assert "on its way" in builder.system_prompt("my parcel")
+    retriever = offline_retriever(kb)
+    prompts = PromptBuilder(TEMPLATE, retriever, store_name="S", tone="calm", top_k=3)
+    assert "on its way" in prompts.system_prompt(await retriever.retrieve("where is my parcel"))
     kb.reload([KnowledgeEntry("a-1", "Parcels", "Where is my parcel?", "It was delivered yesterday, look again.")])
-    prompt = builder.system_prompt("my parcel")
+    prompt = prompts.system_prompt(await retriever.retrieve("where is my parcel"))
     assert "delivered yesterday" in prompt and "on its way" not in prompt
-    assert kb.known_terms("parcel zzzzzz") == ("parcel",)
+    assert retriever.generation == kb.generation == 1

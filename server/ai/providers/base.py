@@ -8,6 +8,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from server.ai.retrieval import Retrieval, Source
+
 
 @dataclass(frozen=True, slots=True)
 class ChatTurn:
@@ -25,6 +27,7 @@ class ProviderRequest:
     history: Sequence[ChatTurn]
     message: str
     max_tokens: int | None = None
+    retrieval: Retrieval | None = None  # what the message retrieved (the system prompt already shows it to models)
 
 
 @dataclass(slots=True)  # not frozen: one is made per token, and a frozen dataclass's __init__ is several times slower
@@ -42,6 +45,7 @@ class Finished:
     confidence: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    sources: tuple[Source, ...] = ()  # the entries the answer used, when the provider knows (the offline one does)
 
 
 StreamEvent = TextDelta | Finished

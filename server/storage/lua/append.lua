@@ -39,17 +39,19 @@
 --  11   reply id        the id the awaited reply will be stored under, '' without an owner
 --  12   rate limit      messages per window (0: no limit, KEYS[9] untouched)
 --  13   rate window     the window's length (ms)
---  14   reserve         tokens reserved for the reply, beside the prompt's
---  15   budget ttl      the budget counters' TTL (s)
---  16   fixed           the tokens of the system prompt and the message
---  17   prompt cap      MAX_PROMPT_TOKENS (0: none)
---  18   truncated       the prompt's tokens if the message has to be cut to fit the cap
---  19   session budget  the session's own token budget (0: none)
---  20.. limits         each budget counter's limit (0: counted, no limit; -1: not this call's)
+--  14   language        the message's language (ISO 639-1) when detected confidently, '' to keep the session's
+--  15   reserve         tokens reserved for the reply, beside the prompt's
+--  16   budget ttl      the budget counters' TTL (s)
+--  17   fixed           the tokens of the system prompt and the message
+--  18   prompt cap      MAX_PROMPT_TOKENS (0: none)
+--  19   truncated       the prompt's tokens if the message has to be cut to fit the cap
+--  20   session budget  the session's own token budget (0: none)
+--  21.. limits         each budget counter's limit (0: counted, no limit; -1: not this call's)
 -- Returns {-2, ms left in the window} over the rate limit (nothing else done); {-1, false, {}, ''} no such session;
 --   {0, stored message JSON, {}, state} a duplicate (the first one); {1, false (the message is ARGV[2]), context
---   JSON list, state, session tokens, day tokens, orphaned pending JSON or false, budget} stored, where budget is
---   false when nothing was charged, else {refused index or 0, global used, first, tokens reserved}.
+--   JSON list, state, session tokens, day tokens, orphaned pending JSON or false, budget, language} stored, where
+--   budget is false when nothing was charged, else {refused index or 0, global used, first, tokens reserved}, and
+--   language is the session's language after this message ('' none yet).
 local rate_limit = tonumber(ARGV[12] or '0')
 if rate_limit > 0 then
   local count = redis.call('INCR', KEYS[9])
@@ -70,6 +72,7 @@ local n = redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], offset + n - 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[6])
+if (ARGV[14] or '') ~= '' then redis.call('HSET', KEYS[1], 'language', ARGV[14]) end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[8])
 local orphan = false
@@ -91,16 +94,17 @@ local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
 local day_tokens = tonumber(redis.call('GET', KEYS[6]) or '0')
 local budget = false
 local n_budgets = (#KEYS - 9) / 2
-local session_budget = tonumber(ARGV[19] or '0')
+local session_budget = tonumber(ARGV[20] or '0')
 if n_budgets > 0 and state ~= 'agent' and not (session_budget > 0 and tokens >= session_budget) then
   local counters, noticed, limits = {}, {}, {}
   for i = 1, n_budgets do
     counters[i] = KEYS[9 + i]
     noticed[i] = KEYS[9 + n_budgets + i]
-    limits[i] = tonumber(ARGV[19 + i])
+    limits[i] = tonumber(ARGV[20 + i])
   end
-  local reserve = prompt_tokens(context, tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])) + tonumber(ARGV[14])
-  local refused, used, first = charge_budgets(counters, noticed, limits, reserve, ARGV[15])
+  local reserve = prompt_tokens(context, tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19])) + tonumber(ARGV[15])
+  local refused, used, first = charge_budgets(counters, noticed, limits, reserve, ARGV[16])
   budget = {refused, used, first, reserve}
 end
-return {1, false, context, state, tokens, day_tokens, orphan, budget}
+return {1, false, context, state, tokens, day_tokens, orphan, budget,
+  redis.call('HGET', KEYS[1], 'language') or ''}

@@ -31,9 +31,14 @@
 --  11   budget ttl      the budget counters' TTL (s)
 --  12   n attempts      how many (name, failed) pairs follow
 --  13.. attempts        n pairs: provider name, '1' failed / '0' not
+--  then n streaks       how many (field, step, limit) triples follow: counts of something in a row kept in the
+--                       session hash (the escalation rules' misses and negative messages)
+--  then streaks         n triples: hash field, step ('1' one more, '0' reset, '' untouched), limit (a count that
+--                       reaches it is reported and starts over at 0; 0: no limit)
 --  then messages        pairs: message id, message JSON, to the end of ARGV
--- Returns {-1, used} when the session is gone (nothing stored, counters moved), else {1, used}; used is today's
---   global budget counter after the settlement, -1 when nothing was settled.
+-- Returns {-1, used} when the session is gone (nothing stored, counters moved), else {1, used, count...}; used is
+--   today's global budget counter after the settlement, -1 when nothing was settled; one count per streak, after
+--   its step (before a reset at its limit).
 local ttl = tonumber(ARGV[1])
 local n_attempts = tonumber(ARGV[12])
 for i = 0, n_attempts - 1 do
@@ -71,8 +76,25 @@ if #KEYS > 11 and settle ~= 0 then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, used} end
 if tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', tokens) end
+local result = {1, used}
+local at = 13 + 2 * n_attempts
+local n_streaks = tonumber(ARGV[at] or '0')
+for i = 0, n_streaks - 1 do
+  local field, step, limit = ARGV[at + 1 + 3 * i], ARGV[at + 2 + 3 * i], tonumber(ARGV[at + 3 + 3 * i])
+  local count
+  if step == '1' then
+    count = redis.call('HINCRBY', KEYS[1], field, 1)
+    if limit > 0 and count >= limit then redis.call('HSET', KEYS[1], field, 0) end
+  elseif step == '0' then
+    count = 0
+    redis.call('HSET', KEYS[1], field, 0)
+  else
+    count = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  end
+  result[#result + 1] = count
+end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
-for i = 13 + 2 * n_attempts, #ARGV, 2 do
+for i = at + 1 + 3 * n_streaks, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
     local n = redis.call('RPUSH', KEYS[2], ARGV[i + 1])
     redis.call('HSET', KEYS[3], ARGV[i], offset + n - 1)
@@ -84,4 +106,4 @@ redis.call('ZREM', KEYS[11], ARGV[4])
 redis.call('HSET', KEYS[1], 'expiresAt', ARGV[3])
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[4])
-return {1, used}
+return result

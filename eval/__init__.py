@@ -1,0 +1,1 @@
+"""The labelled evaluation set for the knowledge-base retrieval and the `make eval` runner."""
