@@ -24,6 +24,12 @@ from typing import Any
 from aiohttp import web
 
 PROVIDERS = ("openai", "gemini")
+# A Chat Completions request whose system message starts so is the server's sentiment classification
+# (server/chat/mood_model.py, SENTIMENT_MODEL=provider): it is answered and recorded as "sentiment", steered with
+# set_mode("sentiment", ...): `ok` with `upset` (a number; default 0.0) or `scores` ({text fragment: number}, the
+# first fragment found in the message wins), `content` (the answer's raw text), `malformed`, and the faults of
+# every mode (`status`, `hang`, `delay`, `flaky`).
+SENTIMENT_INSTRUCTION = "Rate how upset"
 
 
 @dataclass
@@ -187,6 +193,8 @@ class ProviderDouble:
             body = await request.json()
         except ValueError:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
+        if _classification(body):
+            return await self._sentiment(request, body)
         stream = bool(body.get("stream"))
         self._record("openai", request, body, stream)
         if not request.headers.get("Authorization", "").startswith("Bearer ") or request.headers["Authorization"] == "Bearer ":
@@ -271,6 +279,37 @@ class ProviderDouble:
             events = [b"data: {not json at all\n\n"]
             tail = []
         return await self._stream("openai", request, mode, events, tail)
+
+    async def _sentiment(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """A sentiment classification: a non-streaming answer whose content is the JSON object {"upset": score}."""
+        self._record("sentiment", request, body, False)
+        if not request.headers.get("Authorization", "").startswith("Bearer ") or request.headers["Authorization"] == "Bearer ":
+            return web.json_response({"error": {"message": "no key", "type": "auth", "code": 401}}, status=401)
+        mode = self.modes.get("sentiment", Mode())
+        early = await self._before_answer(request, "openai", mode)
+        if early is not None:
+            return early
+        if mode.name == "malformed":
+            return web.Response(text="{this is not json", content_type="application/json")
+        text = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+        upset = mode.options.get("upset", 0.0)
+        for fragment, score in (mode.options.get("scores") or {}).items():
+            if fragment.lower() in text.lower():
+                upset = score
+                break
+        content = mode.options.get("content", json.dumps({"upset": upset}))
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "gpt-test"),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 60, "completion_tokens": 8, "total_tokens": 68},
+            }
+        )
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's POST /v1/embeddings: deterministic vectors (a hashed bag of words), steered as "embeddings"."""
@@ -436,6 +475,14 @@ def hashed_vector(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
         vector[bucket] += 1.0
     norm = math.sqrt(sum(v * v for v in vector)) or 1.0
     return [v / norm for v in vector]
+
+
+def _classification(body: Any) -> bool:
+    """Whether a Chat Completions body is the server's sentiment classification (its fixed instruction)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "system":
+        return False
+    return str(messages[0].get("content", "")).startswith(SENTIMENT_INSTRUCTION)
 
 
 def _lp(token: str, logprob: float) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from server.chat.budgets import BudgetPolicy, Budgets
 from server.chat.escalation import EscalationRules, Escalations
 from server.chat.language import LanguageDetection
 from server.chat.leases import ReplyLeases
+from server.chat.mood_model import MoodModel
 from server.chat.prompt import PromptBuilder
 from server.chat.reply_stream import ReplyStreams
 from server.chat.responder import Finisher, ReplyWriter, Responder
@@ -117,6 +118,24 @@ def build_providers(
             raise ValueError(f"Unknown provider {name!r} in AI_PROVIDERS (use openai, gemini, local).")
         providers.append(factories[name]())
     return providers
+
+
+def build_mood_model(settings: Settings, http: ProviderHTTP, metrics: Metrics) -> MoodModel | None:
+    """SENTIMENT_MODEL=provider: OPENAI_MODEL also scores each visitor message (without a key the lexicon decides)."""
+    if settings.sentiment_model not in ("lexicon", "provider"):
+        raise ValueError(f"Unknown SENTIMENT_MODEL {settings.sentiment_model!r} (use lexicon or provider).")
+    if settings.sentiment_model == "lexicon":
+        return None
+    if not settings.openai_api_key:
+        logger.debug("SENTIMENT_MODEL=provider without OPENAI_API_KEY: the lexicon decides")
+    return MoodModel(
+        http,
+        settings.openai_api_key.reveal(),
+        settings.openai_model,
+        settings.openai_base_url,
+        timeout=settings.sentiment_model_timeout,
+        record_attempt=metrics.record_attempt,
+    )
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -244,6 +263,7 @@ def create_app(settings: Settings) -> web.Application:
         finisher=finisher,
         settings=chat_settings,
         languages=languages,
+        moods=build_mood_model(settings, provider_http, metrics),
     )
     responder = Responder(
         writer=writer,

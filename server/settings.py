@@ -120,6 +120,7 @@ class EscalationSettings:
     sentiment_threshold: float = -0.8  # SENTIMENT_THRESHOLD (-1: the at-once rule is off)
     negative_threshold: float = -0.5  # SENTIMENT_NEGATIVE_THRESHOLD
     negatives_in_a_row: int = 3  # SENTIMENT_NEGATIVES_IN_A_ROW (0: off)
+    model_threshold: float = 0.8  # SENTIMENT_MODEL_THRESHOLD: a model's upset score (0..1) at or above it escalates
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,11 @@ class Settings:
     sentiment_threshold: float = -0.8
     sentiment_negative_threshold: float = -0.5  # at or below this (or angry words) a message counts as negative
     sentiment_negatives_in_a_row: int = 3  # negative messages in a row that escalate too (0: never)
+    # `lexicon` (VADER, offline) or `provider`: with an OpenAI key, OPENAI_MODEL also scores each message 0..1 (upset),
+    # within SENTIMENT_MODEL_TIMEOUT seconds; at or above SENTIMENT_MODEL_THRESHOLD it escalates at once
+    sentiment_model: str = "lexicon"
+    sentiment_model_timeout: float = 2.0
+    sentiment_model_threshold: float = 0.8
     # Languages the visitor's messages are told apart in (ISO 639-1; empty: no detection), and how sure it must be
     languages: tuple[str, ...] = ("en", "es", "de", "fr", "it", "pt", "nl")
     language_min_confidence: float = 0.6
@@ -263,6 +269,7 @@ class Settings:
             sentiment_threshold=self.sentiment_threshold,
             negative_threshold=self.sentiment_negative_threshold,
             negatives_in_a_row=max(0, self.sentiment_negatives_in_a_row),
+            model_threshold=self.sentiment_model_threshold,
         )
 
     @property
@@ -329,6 +336,9 @@ class Settings:
             sentiment_threshold=env.float("SENTIMENT_THRESHOLD", defaults.sentiment_threshold),
             sentiment_negative_threshold=env.float("SENTIMENT_NEGATIVE_THRESHOLD", defaults.sentiment_negative_threshold),
             sentiment_negatives_in_a_row=env.int("SENTIMENT_NEGATIVES_IN_A_ROW", defaults.sentiment_negatives_in_a_row),
+            sentiment_model=env.str("SENTIMENT_MODEL", defaults.sentiment_model).strip().lower(),
+            sentiment_model_timeout=env.float("SENTIMENT_MODEL_TIMEOUT", defaults.sentiment_model_timeout),
+            sentiment_model_threshold=env.float("SENTIMENT_MODEL_THRESHOLD", defaults.sentiment_model_threshold),
             languages=tuple(c.strip().lower() for c in env.list("LANGUAGES", list(defaults.languages)) if c.strip()),
             language_min_confidence=env.float("LANGUAGE_MIN_CONFIDENCE", defaults.language_min_confidence),
             language_min_margin=env.float("LANGUAGE_MIN_MARGIN", defaults.language_min_margin),

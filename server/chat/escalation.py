@@ -62,7 +62,8 @@ class EscalationRules:
       ordinary support words ("refund") are answered, not escalated.
     - `low_confidence`: an in-scope question answered below the threshold (a miss), by default the second miss in
       a row (the visitor rephrased once and it still failed); off-topic and small talk never count.
-    - `sentiment`: the visitor reads clearly upset (very negative, or angry words), or negative again and again.
+    - `sentiment`: the visitor reads clearly upset (very negative, or angry words; with SENTIMENT_MODEL=provider, the
+      model's upset score when it answered in time), or negative again and again.
     - `error` and `user_request`: every provider failed; the visitor pressed "Talk to a person".
     """
 
@@ -76,6 +77,7 @@ class EscalationRules:
         sentiment_threshold: float = -1.0,
         negative_threshold: float = -0.5,
         negatives_in_a_row: int = 0,
+        model_threshold: float = 0.8,
     ) -> None:
         self.confidence_threshold = confidence_threshold
         self.misses_in_a_row = max(1, misses_in_a_row)
@@ -83,6 +85,7 @@ class EscalationRules:
         self.sentiment_threshold = sentiment_threshold
         self.negative_threshold = negative_threshold
         self.negatives_in_a_row = max(0, negatives_in_a_row)
+        self.model_threshold = model_threshold
         self._person = {keyword.lower() for keyword in PERSON_KEYWORDS}
         words = [(keyword, r"\s+".join(map(re.escape, keyword.split()))) for keyword in keywords if keyword.strip()]
         self._keywords = [(keyword, re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)) for keyword, body in words]
@@ -102,6 +105,7 @@ class EscalationRules:
             sentiment_threshold=settings.sentiment_threshold,
             negative_threshold=settings.negative_threshold,
             negatives_in_a_row=settings.negatives_in_a_row,
+            model_threshold=settings.model_threshold,
         )
 
     def keyword_in(self, text: str) -> str | None:
@@ -138,11 +142,21 @@ class EscalationRules:
         negative = mood.score <= self.negative_threshold or (mood.angry_words and mood.score <= ANGRY_AT_MOST)
         return Signals(miss, negative, mood)
 
-    def for_sentiment(self, session_id: str, mood: Mood, negatives: int | None) -> Escalation | None:
-        """A visitor who reads clearly upset now, or negative `negatives_in_a_row` times in a row."""
+    def for_sentiment(self, session_id: str, mood: Mood, negatives: int | None, upset: float | None = None) -> Escalation | None:
+        """A visitor who reads clearly upset now, or negative `negatives_in_a_row` times in a row.
+
+        `upset`: the model's score (0..1, SENTIMENT_MODEL=provider) when it answered in time; it then decides "upset
+        now" instead of the lexicon (None: the lexicon decides). The lexicon's negatives in a row count either way.
+        """
         if self._sentiment is None:
             return None
-        if self.sentiment_threshold > -1.0:
+        if upset is not None:
+            if upset >= self.model_threshold:
+                # the model's score stays in the server (debug log), never in what the room is sent
+                logger.debug("session {}: sentiment model score {:.2f} escalates", session_id, upset)
+                reason = "The visitor's message reads upset to the sentiment model."
+                return Escalation(session_id, Trigger.SENTIMENT, reason, now_iso())
+        elif self.sentiment_threshold > -1.0:
             if mood.score <= self.sentiment_threshold:
                 reason = f"The visitor's message reads very negative (sentiment {mood.score:.2f})."
                 return Escalation(session_id, Trigger.SENTIMENT, reason, now_iso())

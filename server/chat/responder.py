@@ -26,6 +26,7 @@ from server.chat.citations import cite
 from server.chat.escalation import Escalations
 from server.chat.language import LanguageDetection
 from server.chat.leases import RECOVERY_ATTEMPTS, ReplyLeases
+from server.chat.mood_model import MoodModel, Scored, settled
 from server.chat.prompt import PromptBuilder
 from server.chat.reply_stream import ReplyListener, ReplyStream, ReplyStreams
 from server.chat.translations import answer_in, offline_note
@@ -73,6 +74,7 @@ class Prepared:
     charge: BudgetCharge | None
     retrieval: Retrieval | None = None  # what the message retrieved: the prompt shows it, the local provider answers it
     language: str | None = None  # the message's language when detected confidently (recorded with the session)
+    upset: Scored | None = None  # the model's classification, running beside the answer (SENTIMENT_MODEL=provider)
 
 
 @dataclass(slots=True)
@@ -175,6 +177,7 @@ class Responder:
                     retrieval=prepared.retrieval,
                     admission=admission,
                     language=prepared.language or appended.language or None,
+                    upset=prepared.upset,
                 )
         finally:
             self._leases.drop(session_id)
@@ -216,8 +219,10 @@ class ReplyWriter:
         finisher: Finisher,
         settings: ChatSettings,
         languages: LanguageDetection | None = None,
+        moods: MoodModel | None = None,
     ) -> None:
         self._chain = chain
+        self._moods = moods
         self._languages = languages
         self._retriever = retriever
         self._prompts = prompts
@@ -256,7 +261,8 @@ class ReplyWriter:
         paid = self._paid()
         charge = await self._budgets.charge_for(session_id, system_prompt, text) if paid else None
         language = self._languages.detect(text) if self._languages is not None else None
-        return Prepared(system_prompt, paid, charge, retrieval, language)
+        upset = self._moods.start(text) if self._moods is not None else None  # awaited by the Finisher only
+        return Prepared(system_prompt, paid, charge, retrieval, language, upset)
 
     def admission(self, session_id: str, prepared: Prepared, verdict: BudgetVerdict | None) -> Admission | None:
         """What the append's charge allows (None: nothing was charged though a paid call may be made: `answer` does)."""
@@ -301,12 +307,14 @@ class ReplyWriter:
         retrieval: Retrieval | None = None,
         admission: Admission | None = None,
         language: str | None = None,
+        upset: Scored | None = None,
     ) -> TurnResult:
         """Answer one stored message; `resume_at`: a reply taken over from a dead process goes on from that chunk.
 
         `admission`: what the message's append charged (see `prepare`); without it the budgets are charged here.
         `language`: the session's language: models are told to answer in it, an offline answer starts with a note
-        in it (the knowledge base answers in English; a person can help).
+        in it (the knowledge base answers in English; a person can help). `upset`: the message's classification
+        by the model, started in `prepare`, for the Finisher.
         """
         started = time.perf_counter()
         text = user_message["content"]
@@ -371,7 +379,9 @@ class ReplyWriter:
             # Charge an estimate, or stop-generation would refund every reservation (a budget bypass).
             outcome.tokens = fitted.tokens + estimate_tokens(stream.text)
         settle = self._budgets.settlement(admission, 0 if outcome.provider == LOCAL_PROVIDER else outcome.tokens)
-        return await self._finisher.finish(session_id, user_message, reply_id, outcome, started, stream, settle=settle)
+        return await self._finisher.finish(
+            session_id, user_message, reply_id, outcome, started, stream, settle=settle, upset=upset
+        )
 
     async def _generate(
         self, session_id: str, request: ProviderRequest, stream: ReplyStream, admission: Admission, note: str | None = None
@@ -454,8 +464,13 @@ class Finisher:
         stream: ReplyStream | None,
         *,
         settle: BudgetSettlement | None = None,
+        upset: Scored | None = None,
     ) -> TurnResult:
-        """Store the answer (or the failure note) with its budget settlement, tell the room, escalate if the rules say so."""
+        """Store the answer (or the failure note) with its budget settlement, tell the room, escalate if the rules say so.
+
+        `upset`: the model's classification of the message, awaited here only (bounded by its own timeout), only
+        when no other trigger escalated already; without a score the lexicon decides.
+        """
         self._cite(session_id, outcome)
         replies = _reply_messages(session_id, user_message["id"], reply_id, outcome)
         rules = self._escalations.rules
@@ -486,9 +501,10 @@ class Finisher:
         if stored.used is not None:
             self._metrics.tokens_today.set(stored.used)
         if signals is not None:
+            score = await settled(upset) if escalation is None else None
             escalation = (
                 escalation
-                or rules.for_sentiment(session_id, signals.mood, stored.negatives)
+                or rules.for_sentiment(session_id, signals.mood, stored.negatives, score)
                 or rules.for_reply(session_id, outcome.confidence, misses=stored.misses, verdict=verdict)
             )
         self._metrics.messages_out.inc(len(replies))

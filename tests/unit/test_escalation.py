@@ -99,3 +99,18 @@ def test_clients_receive_the_contract_shape(rules: EscalationRules) -> None:
     assert set(sent) == {"sessionId", "trigger", "reason", "createdAt"}
     assert sent["sessionId"] == "s-42" and sent["trigger"] == "keyword"
     assert sent["createdAt"].endswith("Z") and "T" in sent["createdAt"]
+
+
+def test_a_model_score_decides_upset_now_and_the_negatives_in_a_row_still_count() -> None:
+    from server.chat.sentiment import Mood, SentimentReader
+    from server.contract import Trigger
+
+    rules = EscalationRules((), 0.5, sentiment=SentimentReader(), sentiment_threshold=-0.8, negatives_in_a_row=3)
+    calm, angry = Mood(0.0, False), Mood(-0.9, True)
+    upset_now = rules.for_sentiment("s1", calm, 1, 0.8)  # at the threshold (0.8 by default): at once
+    assert upset_now is not None and upset_now.trigger == Trigger.SENTIMENT
+    assert "sentiment model" in upset_now.reason and "0.8" not in upset_now.reason  # the score stays in the server
+    assert rules.for_sentiment("s1", angry, 1, 0.79) is None  # the model read it calm: the lexicon does not decide
+    assert rules.for_sentiment("s1", angry, 1, None) is not None  # no score (failure, timeout): the lexicon decides
+    repeated = rules.for_sentiment("s1", calm, 3, 0.1)
+    assert repeated is not None and "last 3 messages in a row" in repeated.reason

@@ -52,6 +52,16 @@ def test_numbers_flags_and_lists_are_parsed(env: pytest.MonkeyPatch) -> None:
     assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
 
 
+def test_the_sentiment_model_settings(env: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env(None).sentiment_model == "lexicon"
+    env.setenv("SENTIMENT_MODEL", " Provider ")
+    env.setenv("SENTIMENT_MODEL_TIMEOUT", "1.5")
+    env.setenv("SENTIMENT_MODEL_THRESHOLD", "0.7")
+    settings = Settings.from_env(None)
+    assert (settings.sentiment_model, settings.sentiment_model_timeout) == ("provider", 1.5)
+    assert settings.escalation.model_threshold == 0.7
+
+
 def test_a_malformed_number_stops_the_start(env: pytest.MonkeyPatch) -> None:
     env.setenv("PORT", "eighty")
     with pytest.raises(Exception, match="PORT"):
