@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -18,6 +19,9 @@ from server.settings import Secret, Settings
 from tests.clients import ConnectFactory, Http, RawSocket, Recorder, agent_client, open_http
 from tests.processes import ServerProcess
 from tests.servers import RedisProcess, RunningServer, ServerFactory, free_port
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 UNIT_TESTS = Path(__file__).parent / "unit"
 PROVIDER_TRANSPORTS = ("direct", "sdk")  # OPENAI_CLIENT / GEMINI_CLIENT
@@ -211,3 +215,37 @@ async def processes() -> AsyncIterator[list[ServerProcess]]:
     yield started
     for process in started:
         await process.stop()
+
+
+# --- Chromium for the browser tests (tests/test_browser*.py) ---------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (imported here: only browser tests pay for it)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        instance = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        await instance.close()
+
+
+@pytest.fixture
+async def browser(chromium: Browser, start_server) -> AsyncIterator[Browser]:
+    """Pages are closed before the servers they talk to (this fixture is set up after start_server)."""
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()

@@ -4,47 +4,18 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 from playwright.async_api import Error as PlaywrightError
 
 from server.settings import Secret
 from tests.processes import ServerProcess
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is needed (make test installs it)"),
 ]
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
-
-
-@pytest.fixture
-async def chromium() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        instance = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield instance
-        await instance.close()
-
-
-@pytest.fixture
-async def browser(chromium: Browser, start_server) -> AsyncIterator[Browser]:
-    """Pages are closed before the servers they talk to (this fixture is set up after start_server)."""
-    yield chromium
-    for context in chromium.contexts:
-        await context.close()
 
 
 async def open_chat(browser: Browser, url: str) -> Page:
@@ -55,6 +26,16 @@ async def open_chat(browser: Browser, url: str) -> Page:
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000)
     page.errors = errors  # type: ignore[attr-defined]
     return page
+
+
+async def open_agent_console(browser: Browser, url: str, key: str = "alex-key-123-4567-89ab") -> Page:
+    """The agent console in a fresh context, signed in and connected."""
+    agent = await (await browser.new_context()).new_page()
+    await agent.goto(url + "/agent")
+    await agent.fill("#agent-key", key)
+    await agent.click("#sign-in")
+    await expect(agent.locator("#agent-status")).to_have_attribute("data-state", "connected", timeout=15000)
+    return agent
 
 
 async def say(page: Page, text: str) -> None:
@@ -109,11 +90,7 @@ async def test_page_resumes_after_a_network_drop_without_duplicates(browser, ser
 
 async def test_agent_console_and_customer_page_together(browser, start_server, double) -> None:
     server = await start_server(agent_api_keys=(("alex", Secret("alex-key-123-4567-89ab")),))
-    agent = await (await browser.new_context()).new_page()
-    await agent.goto(server.url + "/agent")
-    await agent.fill("#agent-key", "alex-key-123-4567-89ab")
-    await agent.click("#sign-in")
-    await expect(agent.locator("#agent-status")).to_have_attribute("data-state", "connected", timeout=15000)
+    agent = await open_agent_console(browser, server.url)
 
     customer = await open_chat(browser, server.url)
     await say(customer, "hello, I need help with a return")

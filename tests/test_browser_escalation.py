@@ -4,28 +4,16 @@ escalation the server decides is shown, never silent (issue 14)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import expect
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_chat, say
+from tests.test_browser import open_chat, say
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is needed (make test installs it)"),
 ]
-
-
-@pytest.fixture
-async def browser(start_server) -> AsyncIterator[Browser]:
-    """Chromium; set up after start_server, so its pages are closed before the servers they talk to."""
-    async with async_playwright() as playwright:
-        instance = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield instance
-        for context in instance.contexts:
-            await context.close()
-        await instance.close()
 
 
 async def test_an_unsure_answer_offers_a_person_and_the_escalation_shows(browser, server, double) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import expect
 
 from server.ai.knowledge import KnowledgeBase
 from tests.servers import AGENT_KEYS
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_chat, say
+from tests.test_browser import open_agent_console, open_chat, say
 
 pytestmark = [
     pytest.mark.browser,
@@ -20,17 +19,6 @@ pytestmark = [
 ]
 QUESTION = "How do I return an item?"
 _LISTED = re.compile(r"^\[(\d+)\]\s*(?:Q:\s*)?(.+?)\s*$", re.MULTILINE)
-
-
-@pytest.fixture
-async def browser(start_server) -> AsyncIterator[Browser]:
-    """Chromium; set up after start_server, so its pages are closed before the servers they talk to."""
-    async with async_playwright() as playwright:
-        instance = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield instance
-        for context in instance.contexts:
-            await context.close()
-        await instance.close()
 
 
 async def test_the_page_shows_an_answers_sources_and_its_citations(browser, server, double, settings) -> None:
@@ -60,11 +48,7 @@ async def test_the_page_shows_an_answers_sources_and_its_citations(browser, serv
 
 async def test_the_agent_console_shows_the_sources_in_the_transcript(browser, start_server, settings) -> None:
     server = await start_server(ai_providers=("local",), agent_api_keys=AGENT_KEYS, agent_wait_timeout=30.0)
-    agent = await (await browser.new_context()).new_page()
-    await agent.goto(server.url + "/agent")
-    await agent.fill("#agent-key", "alex-key-123-4567-89ab")
-    await agent.click("#sign-in")
-    await expect(agent.locator("#agent-status")).to_have_attribute("data-state", "connected", timeout=15000)
+    agent = await open_agent_console(browser, server.url)
 
     customer = await open_chat(browser, server.url)
     await say(customer, QUESTION)
