@@ -16,7 +16,6 @@ import functools
 import hashlib
 import sqlite3
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import orjson
+from cachetools import LRUCache
 from yarl import URL
 
 from server.ai.http import ProviderHTTP, env_proxy, provider_headers
@@ -171,7 +171,7 @@ class OpenAIEmbedder:
         self._proxy = env_proxy(self._url)
         self._headers = provider_headers({"Authorization": f"Bearer {api_key}"})
         self._cache = cache
-        self._recent: OrderedDict[str, Vectors] = OrderedDict()
+        self._recent: LRUCache[str, Vectors] = LRUCache(QUERY_VECTORS_KEPT)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         """Vectors for the texts: from the caches, the rest in batched requests (each bounded by `timeout`)."""
@@ -190,14 +190,8 @@ class OpenAIEmbedder:
             await asyncio.to_thread(self._cache.put, self.name, fresh)
         known.update(fresh)
         if len(texts) == 1:
-            self._remember(keys[0], known[keys[0]])
+            self._recent[keys[0]] = known[keys[0]]
         return normalize_rows(np.stack([known[k] for k in keys])) if keys else np.zeros((0, 0), np.float32)
-
-    def _remember(self, key: str, vector: Vectors) -> None:
-        self._recent[key] = vector
-        self._recent.move_to_end(key)
-        if len(self._recent) > QUERY_VECTORS_KEPT:
-            self._recent.popitem(last=False)
 
     async def _request(self, texts: list[str]) -> list[Vectors]:
         body = orjson.dumps({"model": self.model, "input": texts, "encoding_format": "float"})

@@ -33,13 +33,13 @@ import json
 import math
 import re
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from cachetools import LRUCache
 from loguru import logger
 
 from server.ai.embeddings import (
@@ -345,7 +345,7 @@ class HybridRetriever:
         self._remote_timeout = remote_timeout
         self._remote_index: DenseIndex | None = None
         self._remote_task: asyncio.Task[None] | None = None
-        self._results: OrderedDict[tuple[str, int], Retrieval] = OrderedDict()
+        self._results: LRUCache[tuple[str, int], Retrieval] = LRUCache(RESULTS_KEPT)
         self.generation = knowledge.generation
         self._build()
 
@@ -444,7 +444,6 @@ class HybridRetriever:
         key = (cache_key(text), limit)
         cached = self._results.get(key)
         if cached is not None:
-            self._results.move_to_end(key)
             return cached
         try:
             result = await self._retrieve(text, limit)
@@ -452,8 +451,6 @@ class HybridRetriever:
             logger.warning("retrieval failed: {}", type(err).__name__)
             return Retrieval((), Verdict.UNSURE)
         self._results[key] = result
-        if len(self._results) > RESULTS_KEPT:
-            self._results.popitem(last=False)
         return result
 
     async def _retrieve(self, text: str, limit: int) -> Retrieval:

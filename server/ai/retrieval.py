@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from server.ai.knowledge import KnowledgeEntry
+from server.contract import MessageSource
 
 
 class Verdict(StrEnum):
@@ -26,7 +27,7 @@ class Source:
     id: str
     title: str
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> MessageSource:
         """As clients receive it."""
         return {"id": self.id, "title": self.title}
 

@@ -8,9 +8,9 @@ otherwise clearly. English is what the session has until then.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from functools import cache
 
+from cachetools import LRUCache
 from lingua import IsoCode639_1, LanguageDetector, LanguageDetectorBuilder
 
 DETECTIONS_KEPT = 4096  # results remembered per normalised text
@@ -41,7 +41,7 @@ class LanguageDetection:
         self._min_confidence = min_confidence
         self._min_margin = min_margin
         self._low_accuracy = low_accuracy
-        self._results: OrderedDict[str, str | None] = OrderedDict()
+        self._results: LRUCache[str, str | None] = LRUCache(DETECTIONS_KEPT)
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +61,6 @@ class LanguageDetection:
         if not any(ch.isalpha() for ch in key):
             return None
         if key in self._results:
-            self._results.move_to_end(key)
             return self._results[key]
         values = _detector(self.codes, self._low_accuracy).compute_language_confidence_values(key)
         found: str | None = None
@@ -71,6 +70,4 @@ class LanguageDetection:
             if best >= self._min_confidence or best - second >= self._min_margin:
                 found = values[0].language.iso_code_639_1.name.lower()
         self._results[key] = found
-        if len(self._results) > DETECTIONS_KEPT:
-            self._results.popitem(last=False)
         return found

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import orjson
+from cachetools import LRUCache
 from loguru import logger
 from yarl import URL
 
@@ -54,8 +54,7 @@ class MoodModel:
         self._proxy = env_proxy(self._url)
         self._headers = provider_headers({"Authorization": f"Bearer {api_key}"}) if api_key else None
         self._record = record_attempt
-        self._kept = kept
-        self._scores: OrderedDict[str, float] = OrderedDict()
+        self._scores: LRUCache[str, float] = LRUCache(kept)
         self._running: set[Scored] = set()  # a reference to each call in flight (the loop keeps only weak ones)
         head = {"model": model, "response_format": {"type": "json_object"}, "max_tokens": MAX_TOKENS, "temperature": 0}
         self._head = orjson.dumps(head)[:-1] + b',"messages":'
@@ -77,7 +76,6 @@ class MoodModel:
         """The model's score of one normalised text, from the cache or one call; None on any failure."""
         known = self._scores.get(key)
         if known is not None:
-            self._scores.move_to_end(key)
             return known
         started = time.perf_counter()
         try:
@@ -89,8 +87,6 @@ class MoodModel:
             return None
         self._count(False, started)
         self._scores[key] = upset
-        if len(self._scores) > self._kept:
-            self._scores.popitem(last=False)
         return upset
 
     async def _call(self, key: str) -> float:

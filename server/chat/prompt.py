@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
+
+from cachetools import LRUCache
 
 from server.ai.knowledge import KnowledgeEntry
 from server.ai.retrieval import Retrieval, Verdict
@@ -53,7 +54,7 @@ class PromptBuilder:
         self._template = template.replace("{store_name}", store_name).replace("{tone}", tone)
         self._retriever = retriever
         self._top_k = max(0, top_k)
-        self._prompts: OrderedDict[tuple[tuple[str, ...], Verdict], str] = OrderedDict()
+        self._prompts: LRUCache[tuple[tuple[str, ...], Verdict], str] = LRUCache(PROMPTS_KEPT)
         self._generation = retriever.generation
 
     def system_prompt(self, retrieval: Retrieval) -> str:
@@ -64,12 +65,8 @@ class PromptBuilder:
         shown = retrieval.matches[: self._top_k]
         key = (tuple(m.entry.id for m in shown), retrieval.verdict)
         prompt = self._prompts.get(key)
-        if prompt is not None:
-            self._prompts.move_to_end(key)
-            return prompt
-        prompt = self._prompts[key] = self.build(retrieval)
-        if len(self._prompts) > PROMPTS_KEPT:
-            self._prompts.popitem(last=False)
+        if prompt is None:
+            prompt = self._prompts[key] = self.build(retrieval)
         return prompt
 
     def listed(self, retrieval: Retrieval) -> tuple[KnowledgeEntry, ...]:

@@ -575,7 +575,7 @@ def _reply_messages(session_id: str, user_message_id: str, message_id: str, outc
             "provider": outcome.provider,
             "confidence": None if outcome.confidence is None else round(outcome.confidence, 4),
             "replyTo": user_message_id,
-            "sources": [{"id": source.id, "title": source.title} for source in outcome.sources],
+            "sources": [source.to_dict() for source in outcome.sources],
         }
         if outcome.stopped:
             reply["stopped"] = True

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from cachetools import LRUCache
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 SCORES_KEPT = 4096  # scores remembered per normalised text: visitors repeat themselves, and retries repeat exactly
@@ -67,8 +67,7 @@ class SentimentReader:
 
     def __init__(self, kept: int = SCORES_KEPT) -> None:
         self._analyzer = SentimentIntensityAnalyzer()  # reads the lexicon files beside the module, once
-        self._kept = kept
-        self._moods: OrderedDict[str, Mood] = OrderedDict()
+        self._moods: LRUCache[str, Mood] = LRUCache(kept)
 
     def read(self, text: str) -> Mood:
         """The mood of one message (neutral for a blank one)."""
@@ -77,12 +76,9 @@ class SentimentReader:
             return NEUTRAL
         known = self._moods.get(key)
         if known is not None:
-            self._moods.move_to_end(key)
             return known
         mood = Mood(float(self._analyzer.polarity_scores(key)["compound"]), _ANGER.search(key) is not None)
         self._moods[key] = mood
-        if len(self._moods) > self._kept:
-            self._moods.popitem(last=False)
         return mood
 
 
