@@ -122,7 +122,7 @@ def calibrate_mode(
     retriever.mode = mode
     entries = retriever.knowledge.entries
     searched = [q for q in questions if small_talk(q.text) is None and not injection(q.text)]
-    spelled = {q.id: retriever.knowledge.spelled(q.text) for q in searched}
+    spelled = {q.id: retriever.searched_text(q.text) for q in searched}
     base = Calibration(embedder=space.name)
     notes: dict[str, Any] = {}
     if mode == "hybrid":
@@ -289,7 +289,7 @@ async def _remote_space(settings: Settings, retriever: HybridRetriever, question
     try:
         knowledge = retriever.knowledge
         matrix = await remote.embed(DenseIndex.texts(knowledge.entries, knowledge.keywords))
-        texts = [normalise(knowledge.spelled(q.text)) for q in questions]
+        texts = [normalise(retriever.searched_text(q.text)) for q in questions]
         vectors = await remote.embed(texts)
     finally:
         await http.aclose()

@@ -456,7 +456,7 @@ class HybridRetriever:
     async def _retrieve(self, text: str, limit: int) -> Retrieval:
         if small_talk(text) is not None:
             return Retrieval((), Verdict.SMALL_TALK)
-        scored, calibration = await self._scored(self.knowledge.spelled(without_identifiers(text)))
+        scored, calibration = await self._scored(self.searched_text(text))
         matches = tuple(
             RankedEntry(self.knowledge.entries[c.row], round(calibration.answer(scored.answer_features(c)), 4))
             for c in scored.candidates[: max(0, limit)]
@@ -468,6 +468,13 @@ class HybridRetriever:
         if matches and matches[0].confidence >= calibration.answer_threshold:
             return Retrieval(matches, Verdict.ANSWER)
         return Retrieval(matches, Verdict.UNSURE)
+
+    def searched_text(self, text: str) -> str:
+        """What is searched and embedded of a question: identifiers out, then misspelt words corrected.
+
+        Public for eval/calibrate.py, which must score exactly what the server scores.
+        """
+        return self.knowledge.spelled(without_identifiers(text))
 
     async def _scored(self, text: str) -> tuple[Scored, Calibration]:
         """The candidates in the best vector space available now (remote, else offline) and its calibration."""
@@ -491,13 +498,13 @@ class HybridRetriever:
         index: DenseIndex | None = None,
         calibration: Calibration | None = None,
     ) -> Scored:
-        """Raw, uncalibrated candidates for a (spelled) question; with no `query` vector, the offline model's.
+        """Raw, uncalibrated candidates for a question as `searched_text` gives it; with no `query` vector, the
+        offline model's.
 
         Public for eval/calibrate.py, which fits the calibration on exactly these numbers.
         """
         calibration = calibration or self.calibration
         index = index or self._index
-        text = without_identifiers(text)
         if query is None and self.mode != "bm25":
             query = self._offline.embed_now([normalise(text)])[0]
         words = terms(text)[:MAX_QUERY_TERMS]
