@@ -21,7 +21,6 @@ from server.handoff.summary import SUMMARY_LABEL, SUMMARY_PROMPT
 from server.settings import Secret, Settings
 from server.web.pages import SOCKETIO_CLIENT, SOCKETIO_INTEGRITY
 from tests.clients import agent_client, joined_client, request
-from tests.test_browser import browser, chromium  # noqa: F401 - Chromium fixtures
 
 pytestmark = pytest.mark.slow  # abuse scenarios with timers (token rotation, expiry sweeps)
 
@@ -355,7 +354,7 @@ async def test_static_never_serves_raw_templates(start_server, name: str) -> Non
 # In Chromium: the CDN fallback runs only the pinned file ---------------------------------------------------
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM_FOUND or not SOCKETIO_CLIENT.exists(), reason="needs Debian's chromium and the npm client")
-async def test_cdn_fallback_runs_only_the_pinned_file(browser, server) -> None:  # noqa: F811
+async def test_cdn_fallback_runs_only_the_pinned_file(browser, server) -> None:
     page = await (await browser.new_context()).new_page()
     pristine = SOCKETIO_CLIENT.read_bytes()
     served: list[bytes] = [pristine]
